@@ -1,0 +1,46 @@
+# VIPA-VLA developer commands. Every target that needs the environment builds it first when
+# .venv is missing or older than pyproject.toml / constraints-cpu.txt, so `make demo` and
+# `make test` both work as the very first command on a fresh clone.
+PY_SYS  ?= python3
+VENV    := .venv
+PY      := $(VENV)/bin/python
+STAMP   := $(VENV)/.installed
+EXTRAS  ?= sim,demo,dev
+# CPU torch: constraints keep every dependency from pulling the CUDA build (see constraints-cpu.txt).
+export PIP_CONSTRAINT := $(CURDIR)/constraints-cpu.txt
+export MUJOCO_GL ?= egl
+export PYTHONHASHSEED := 0
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints-cpu.txt
+	@test -x $(PY) || $(PY_SYS) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+# The main job (README command 1). Until the training pipeline lands it is a short geometry
+# walkthrough on the real fixtures in ../shared/fixtures.
+demo: $(STAMP)
+	$(PY) -m hand3d_dataset.walkthrough
+
+# The test suite (README command 2), offline: nothing may touch the network.
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 $(PY) -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: $(STAMP)
+	@for b in benchmarks/bench_*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

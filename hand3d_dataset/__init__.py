@@ -1,0 +1,1 @@
+"""hand3d_dataset"""
