@@ -1,0 +1,131 @@
+"""Tiny offline assets shared by the tests: a byte-level BPE tokenizer with Qwen's chat tokens and InternVL's
+image tokens, a tiny `VipaProcessor` sized for `VipaConfig.tiny()`, images and normalisation statistics.
+
+Nothing here downloads anything; the tokenizer is trained from scratch on a fixed corpus (deterministic).
+
+    from tests.tiny_assets import build_tiny_processor, build_tiny_tokenizer, make_image
+    tokenizer = build_tiny_tokenizer()                   # ~400 tokens: 256 bytes + merges + specials
+    processor = build_tiny_processor()                   # 56 px tiles, 4 <IMG_CONTEXT> per frame, 48x64 CUT3R
+    batch = processor(images=[make_image(40, 50)], text="<image>\\nWhere is the cup?", return_tensors="pt")
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import PIL.Image
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast
+
+from processing_vipa.processing_vipa import VipaProcessor
+
+# Qwen3's chat tokens and InternVL's image tokens, appended after the byte-level vocabulary as in Qwen
+# (so that no special token has id 0 and code that assumes it fails here too).
+TINY_SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+]
+TINY_TILE_SIZE = 56  # internvl_tiny_config(): image_size 56, patch 14 -> 16 patches
+TINY_IMAGE_SEQ_LENGTH = 4  # 16 patches * downsample_ratio 0.5^2
+TINY_SPATIAL_IMAGE_SIZE = (48, 64)  # (height, width), multiples of CUT3R's patch 16; not square on purpose
+
+_CORPUS = [
+    "What is the spatial relationship between the hand and the cup in the last frame?",
+    "The hand is left and down and forward of the cup, 0.44 m.",
+    "How does the hand move between the two frames? It moves right and up, 0.12 m.",
+    "How does the camera move? turn left, 12.4 degrees. tilt up, 3.0 degrees. no significant movement",
+    "Pick up the red block and place it in the bowl. Open the drawer. Close the microwave door.",
+    "Predict the wrist trajectory of the right hand to grasp the mug on the table.",
+    "The object is behind the hand and to the right, at a distance of 0.25 metres.",
+    "user assistant system image frame answer question task robot action state",
+    "0 1 2 3 4 5 6 7 8 9 0.1 0.2 0.3 0.5 1.0 10 20 45 90 180",
+]
+
+
+@lru_cache(maxsize=4)
+def _tokenizer_json(vocab_size: int) -> str:
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(_CORPUS * 4, trainer)
+    tok.add_special_tokens(TINY_SPECIAL_TOKENS)
+    return tok.to_str()
+
+
+def build_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
+    """A fresh byte-level BPE tokenizer (every byte encodable) with `<|endoftext|>` as pad, `<|im_end|>` as
+    eos, no BOS (as Qwen3), and InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>`, `<video>` as named extra
+    special tokens (`tokenizer.context_image_token` etc., as the InternVL3.5 tokenizer has them).
+
+    `len(tokenizer)` is about `vocab_size` + 7 (fewer merges exist in the small corpus); `save_pretrained` /
+    `AutoTokenizer.from_pretrained(folder)` round-trip offline.
+    """
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+    return tokenizer
+
+
+def tiny_norm_stats(action_dim: int = 7, state_dim: int = 8, keys: tuple[str, ...] = ("tiny",)) -> dict:
+    """Per-dataset statistics with distinct, non-trivial values per dimension (mean, std, min, max)."""
+    stats = {}
+    for k, key in enumerate(keys):
+        entry = {}
+        for part, dim in (("action", action_dim), ("state", state_dim)):
+            i = np.arange(dim, dtype=np.float64)
+            entry[part] = {
+                "mean": (0.1 * i - 0.2 + k).tolist(),
+                "std": (0.5 + 0.25 * i).tolist(),
+                "min": (-1.0 - 0.5 * i + k).tolist(),
+                "max": (1.0 + 0.3 * i + k).tolist(),
+            }
+        stats[key] = entry
+    return stats
+
+
+def build_tiny_processor(
+    image_seq_length: int = TINY_IMAGE_SEQ_LENGTH,
+    tile_size: int = TINY_TILE_SIZE,
+    spatial_image_size: tuple[int, int] = TINY_SPATIAL_IMAGE_SIZE,
+    norm_stats: dict | None = None,
+    with_motion_tokens: bool = False,
+    **kwargs,
+) -> VipaProcessor:
+    """A `VipaProcessor` matching `VipaConfig.tiny()` (56 px tiles, 4 image tokens per frame, CUT3R patch 16)
+    with `tiny_norm_stats()` unless `norm_stats` is given; `with_motion_tokens` adds the 1026 motion tokens."""
+    processor = VipaProcessor(
+        image_processor=VipaProcessor.default_image_processor(tile_size),
+        tokenizer=build_tiny_tokenizer(),
+        image_seq_length=image_seq_length,
+        spatial_image_size=spatial_image_size,
+        norm_stats=tiny_norm_stats() if norm_stats is None else norm_stats,
+        **kwargs,
+    )
+    if with_motion_tokens:
+        processor.add_motion_tokens()
+    return processor
+
+
+def make_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> PIL.Image.Image:
+    """A random PIL image of the given size and mode ("RGB", "RGBA", "L")."""
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    arr = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
+    return PIL.Image.fromarray(arr[..., 0] if channels == 1 else arr)  # uint8 layout gives the mode
