@@ -1,0 +1,108 @@
+"""The fusion layer against a NumPy re-implementation of the paper's equations (§3.2.2)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from modeling_vipa.configuration_vipa import VipaFusionConfig
+from modeling_vipa.fusion import VipaFusion
+
+
+def _numpy_fusion(fusion: VipaFusion, V_sem: np.ndarray, V_spa: np.ndarray) -> np.ndarray:
+    """F_spa = out_proj(MHA(W_q V_sem, W_kv V_spa)); then the residual with alpha, LayerNorm where configured."""
+    p = {k: v.detach().double().numpy() for k, v in fusion.state_dict().items()}
+    heads = fusion.config.num_heads
+    dim = fusion.config.attention_dim
+    hd = dim // heads
+    q = V_sem @ p["q_proj.weight"].T + p["q_proj.bias"]
+    kv = V_spa @ p["kv_proj.weight"].T + p["kv_proj.bias"]
+    k, v = kv[..., :dim], kv[..., dim:]
+    out = np.zeros_like(q)
+    for h in range(heads):
+        sl = slice(h * hd, (h + 1) * hd)
+        logits = q[..., sl] @ np.swapaxes(k[..., sl], -1, -2) / np.sqrt(hd)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        w /= w.sum(-1, keepdims=True)
+        out[..., sl] = w @ v[..., sl]
+    F_spa = out @ p["out_proj.weight"].T + p["out_proj.bias"]
+
+    def layer_norm(x: np.ndarray) -> np.ndarray:
+        mu = x.mean(-1, keepdims=True)
+        var = x.var(-1, keepdims=True)
+        return (x - mu) / np.sqrt(var + fusion.config.layer_norm_eps) * p["norm.weight"] + p["norm.bias"]
+
+    alpha = float(p["alpha"])
+    if fusion.config.norm_position == "branch":
+        return V_sem + alpha * layer_norm(F_spa)
+    return layer_norm(V_sem + alpha * F_spa)
+
+
+@pytest.mark.parametrize("norm_position", ["branch", "output"])
+def test_fusion_matches_numpy_equations(norm_position: str) -> None:
+    torch.manual_seed(0)
+    fusion = VipaFusion(
+        VipaFusionConfig.tiny(norm_position=norm_position), vision_dim=24, spatial_dim=40
+    ).eval()
+    with torch.no_grad():  # non-trivial LayerNorm affine so that a missing/misplaced norm shows
+        fusion.norm.weight.uniform_(0.5, 1.5)
+        fusion.norm.bias.uniform_(-0.3, 0.3)
+    V_sem = torch.randn(3, 16, 24, dtype=torch.float64)
+    V_spa = torch.randn(3, 1 + 9, 40, dtype=torch.float64)
+    with torch.no_grad():
+        got = fusion.double()(V_sem, V_spa).numpy()
+    want = _numpy_fusion(fusion, V_sem.numpy(), V_spa.numpy())
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_alpha_is_learnable_and_starts_at_half() -> None:
+    fusion = VipaFusion(VipaFusionConfig.tiny(), vision_dim=24, spatial_dim=40)
+    assert isinstance(fusion.alpha, torch.nn.Parameter) and fusion.alpha.requires_grad
+    assert fusion.alpha.item() == 0.5
+    fusion(torch.randn(2, 4, 24), torch.randn(2, 5, 40)).sum().backward()
+    assert fusion.alpha.grad is not None and float(fusion.alpha.grad.abs()) > 0
+
+
+def test_branch_norm_keeps_pretrained_path_at_alpha_zero() -> None:
+    """With the LayerNorm on the branch, alpha = 0 returns V_sem exactly: the pretrained path is untouched."""
+    fusion = VipaFusion(VipaFusionConfig.tiny(alpha_init=0.0), vision_dim=24, spatial_dim=40).eval()
+    V_sem = torch.randn(2, 4, 24) * 7 + 3
+    assert torch.equal(fusion(V_sem, torch.randn(2, 5, 40)), V_sem)
+    output_norm = VipaFusion(VipaFusionConfig.tiny(alpha_init=0.0, norm_position="output"), 24, 40).eval()
+    assert not torch.allclose(output_norm(V_sem, torch.randn(2, 5, 40)), V_sem)
+
+
+def test_each_frame_attends_only_to_its_own_spatial_tokens() -> None:
+    torch.manual_seed(1)
+    fusion = VipaFusion(VipaFusionConfig.tiny(), vision_dim=24, spatial_dim=40).eval()
+    V_sem, V_spa = torch.randn(2, 4, 24), torch.randn(2, 5, 40)
+    changed = V_spa.clone()
+    changed[1] = torch.randn(5, 40)
+    a, b = fusion(V_sem, V_spa), fusion(V_sem, changed)
+    assert torch.equal(a[0], b[0])
+    assert not torch.allclose(a[1], b[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"num_heads": 3, "attention_dim": 32}, "attention_dim"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"norm_position": "pre"}, "norm_position"),
+        ({"num_heads": 0}, "num_heads"),
+    ],
+)
+def test_config_validation_names_the_field(kwargs: dict, field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        VipaFusionConfig(**kwargs)
+
+
+def test_bad_shapes_raise() -> None:
+    fusion = VipaFusion(VipaFusionConfig.tiny(), vision_dim=24, spatial_dim=40)
+    with pytest.raises(ValueError, match="V_spa"):
+        fusion(torch.randn(2, 4, 24), torch.randn(2, 5, 41))
+    with pytest.raises(ValueError, match="same frames"):
+        fusion(torch.randn(2, 4, 24), torch.randn(3, 5, 40))
+    with pytest.raises(ValueError, match="V_sem"):
+        fusion(torch.randn(4, 24), torch.randn(2, 5, 40))
