@@ -1,0 +1,141 @@
+"""The `hand3d` command line.
+
+    hand3d convert-mano MANO_RIGHT.pkl MANO_RIGHT.npz   # one-time, pickle-free copy of a MANO model
+    hand3d walkthrough                                  # geometry tour on the real fixtures
+    hand3d build --source synth --num-clips 100 --out hand3d --num-workers 2   # build Hand3D (resumable)
+    hand3d publish hand3d [--repo-id my-org/hand3d]     # dataset card (+ upload to the Hub)
+
+Each sub-command imports its heavy modules lazily so that `hand3d --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _convert_mano(args: argparse.Namespace) -> int:
+    from hand3d_dataset.mano import convert_mano
+
+    dst = convert_mano(args.src, args.dst)
+    print(f"wrote {dst}")
+    return 0
+
+
+def _walkthrough(args: argparse.Namespace) -> int:
+    from hand3d_dataset.walkthrough import run_walkthrough
+
+    return run_walkthrough(fixtures=args.fixtures)
+
+
+def _build(args: argparse.Namespace) -> int:
+    from hand3d_dataset.build import BuildConfig, build
+
+    cfg = BuildConfig(
+        source=args.source,
+        source_root=None if args.source_root is None else str(args.source_root),
+        num_clips=args.num_clips,
+        out=str(args.out),
+        num_workers=args.num_workers,
+        seed=args.seed,
+        image_size=args.image_size,
+        frames=args.frames,
+        test_fraction=args.test_fraction,
+        shard_size=args.shard_size,
+        progress=not args.no_progress,
+    )
+    report = build(cfg)
+    rate = report["this_run"]["clips_per_min"]
+    print(
+        f"hand3d build: {report['clips_done']} clips annotated, {report['clips_skipped']} skipped "
+        f"({report['skip_reasons']}); samples {report['samples_per_category']}; "
+        f"clipping rate {report['clipping']['rate']:.4f}; "
+        + (f"{rate} clips/min; " if rate else "")
+        + f"report: {Path(cfg.out) / 'report.json'}"
+    )
+    return 0
+
+
+def _publish(args: argparse.Namespace) -> int:
+    from hand3d_dataset.publish import publish
+
+    card = publish(args.dir, repo_id=args.repo_id, private=args.private)
+    print(
+        f"wrote {card}"
+        + (f"; pushed to https://huggingface.co/datasets/{args.repo_id}" if args.repo_id else "")
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hand3d", description="Hand3D toolkit of the VIPA-VLA package.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser(
+        "convert-mano",
+        help="convert an official MANO .pkl into a pickle-free .npz",
+        description="Reads an official MANO model file with a restricted unpickler (arrays only; "
+        "anything else is refused) and writes the same arrays to an .npz that loads without pickle.",
+    )
+    p.add_argument("src", type=Path, help="MANO_RIGHT.pkl or MANO_LEFT.pkl")
+    p.add_argument("dst", type=Path, help="output .npz path")
+    p.set_defaults(func=_convert_mano)
+
+    p = sub.add_parser("walkthrough", help="run the geometry walkthrough on the real fixtures")
+    p.add_argument(
+        "--fixtures",
+        type=Path,
+        default=None,
+        help="folder with real/rhd, real/interhand2.6m, real/hot3d (default: ../shared/fixtures)",
+    )
+    p.set_defaults(func=_walkthrough)
+
+    p = sub.add_parser(
+        "build",
+        help="build Hand3D (visual + action) as sharded parquet; re-running resumes",
+        description="Annotates clips of a source (paper §3.2.1) into data/{visual,action}/{train,test}-*.parquet, "
+        "a README dataset card and report.json. Finished shards are kept when re-run with the same settings.",
+    )
+    p.add_argument("--source", default="synth", help="source adapter (default: synth)")
+    p.add_argument(
+        "--source-root", type=Path, default=None, help="dataset folder of a real source (e.g. hot3d)"
+    )
+    p.add_argument("--num-clips", type=int, default=100, help="number of clips (default: 100)")
+    p.add_argument("--out", type=Path, default=Path("hand3d"), help="output folder (default: ./hand3d)")
+    p.add_argument("--num-workers", type=int, default=1, help="worker processes (default: 1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the source and the samples (default: 0)")
+    p.add_argument("--image-size", type=int, default=448, help="rendered image side in pixels (default: 448)")
+    p.add_argument("--frames", type=int, default=8, help="frames per clip (default: 8)")
+    p.add_argument("--test-fraction", type=float, default=0.1, help="share of clips in test (default: 0.1)")
+    p.add_argument("--shard-size", type=int, default=16, help="clips per parquet shard (default: 16)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_build)
+
+    p = sub.add_parser(
+        "publish",
+        help="write the dataset card of a built folder and optionally push it to the Hub",
+        description="Writes DIR/README.md (YAML configs visual/action with train/test files, statistics like "
+        "the paper's Tables 1-2, license, citation); with --repo-id uploads the folder with huggingface_hub.",
+    )
+    p.add_argument("dir", type=Path, help="folder written by `hand3d build`")
+    p.add_argument(
+        "--repo-id", default=None, help="Hub dataset repo, e.g. my-org/hand3d (default: no upload)"
+    )
+    p.add_argument("--private", action="store_true", help="create the Hub repo as private")
+    p.set_defaults(func=_publish)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:
+        # User errors (bad file, bad arguments) read better as one line than as a traceback.
+        print(f"hand3d {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
