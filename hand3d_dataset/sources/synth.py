@@ -457,7 +457,15 @@ class _Scene:
         mj = self.mj = _import_mujoco()
         self.model = mj.MjModel.from_xml_string(_template_xml(h, w))
         self.data = mj.MjData(self.model)
-        self.renderer = mj.Renderer(self.model, height=h, width=w)
+        try:
+            self.renderer = mj.Renderer(self.model, height=h, width=w)
+        except mj.FatalError as e:
+            # MuJoCo picks its GL backend once, at import: importing it before MUJOCO_GL was set
+            # (e.g. `import mujoco` in user code ahead of this module) leaves it with none.
+            raise RuntimeError(
+                f"MuJoCo could not create an offscreen GL context ({e}). Set MUJOCO_GL=egl (or osmesa) "
+                "in the environment before anything imports mujoco."
+            ) from e
         self.option = mj.MjvOption()
         self.option.geomgroup[_HIDDEN_GROUP] = 0
         gid = lambda n: mj.mj_name2id(self.model, mj.mjtObj.mjOBJ_GEOM, n)  # noqa: E731
