@@ -232,7 +232,13 @@ def score_answer(prediction: str, target: Mapping, index: int = 0) -> dict:
     if not isinstance(target, Mapping):
         raise ValueError(f"targets[{index}]: expected a dict, got {type(target).__name__}")
     # A key holding None counts as absent: parquet struct columns give every row the union of keys.
-    has_disp = target.get("labels") is not None or target.get("distance_m") is not None
+    # A parquet struct gives camera rows `labels={x: None, y: None, z: None}` beside `distance_m=None`:
+    # all-None labels only make a displacement target together with a distance.
+    labels = target.get("labels")
+    labels_set = labels is not None and not (
+        isinstance(labels, Mapping) and all(v in (None, "none", "") for v in labels.values())
+    )
+    has_disp = labels_set or target.get("distance_m") is not None
     has_rot = target.get("rotation") is not None or target.get("angle_deg") is not None
     if not (has_disp or has_rot):
         raise ValueError(

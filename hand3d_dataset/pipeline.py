@@ -97,6 +97,9 @@ VISUAL_FEATURES = Features(
             {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
         ),
         "target": TARGET_FEATURES,
+        # (3, 3) intrinsics of the last image, pixels of the stored image: projects `target` and
+        # `trajectory` (camera frame of that image) onto it, e.g. for the paper's Figure 9.
+        "K": List(List(Value("float64"))),
     }
 )
 ACTION_FEATURES = Features(
@@ -399,6 +402,7 @@ def sample_to_row(sample: Sample, clip: Clip, index: int, png: dict[int, bytes],
             {"role": "assistant", "content": [{"type": "text", "text": sample.answer}]},
         ],
         "target": sample.target,
+        "K": clip.K[sample.frame_indices[-1]].tolist() if sample.frame_indices else None,
     }
     if action:
         row["trajectory"] = [[float(x) for x in p] for p in sample.trajectory]

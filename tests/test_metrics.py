@@ -259,3 +259,19 @@ def test_targets_through_a_parquet_struct_column():
     assert o["n_direction"] == 1 and o["n_rotation"] == 2
     assert o["direction_score"] == 3.0 and o["distance_error_m"] == pytest.approx(0.0)
     assert o["rotation_accuracy"] == 1.0 and o["angle_error_deg"] == pytest.approx(0.15)
+
+
+def test_camera_row_with_struct_padding_is_scored_as_a_camera_target():
+    # Rows read back from parquet carry the union of struct keys: a camera row has all-None labels.
+    target = {
+        "labels": {"x": None, "y": None, "z": None},
+        "distance_m": None,
+        "rotation": "turn left",
+        "angle_deg": 12.0,
+    }
+    res = evaluate_answers(["turn left, 10 degrees"], [target])["overall"]
+    assert res["rotation_accuracy"] == 1.0 and abs(res["angle_error_deg"] - 2.0) < 1e-9
+    assert res["n_direction"] == 0
+    # ...while "no significant movement" (all-None labels WITH a distance) stays a displacement target.
+    still = {"labels": {"x": None, "y": None, "z": None}, "distance_m": 0.01}
+    assert evaluate_answers(["no significant movement"], [still])["overall"]["direction_score"] == 3.0

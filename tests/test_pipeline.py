@@ -143,6 +143,35 @@ def test_synth_clip_scale_is_recovered_within_two_percent():
         assert abs(r.scale / est.true_scale(cid) - 1) < 0.02
 
 
+def test_row_intrinsics_project_the_action_trajectory_onto_the_hand_in_the_shown_image():
+    pytest.importorskip("mujoco")
+    from hand3d_dataset.clip import HAND_SEGMENT
+    from hand3d_dataset.sources import get_source
+
+    src = get_source("synth", num_clips=3, seed=2, image_size=96, num_frames=4)
+    hits = total = 0
+    for cid in src.clip_ids():
+        clip = src.load_clip(cid)
+        r = process_clip(
+            clip, GroundTruthDepthEstimator(seed=2), GroundTruthBoxDetector(), PipelineConfig(), seed=2
+        )
+        for row in r.rows_action:
+            if not row["images"]:
+                continue
+            K = np.asarray(row["K"])
+            shown = row["target"]["frame_indices"][0]
+            x, y, z = row["trajectory"][0]  # the wrist at the shown frame, in that frame's camera
+            u, v = K[0, 0] * x / z + K[0, 2], K[1, 1] * y / z + K[1, 2]  # pinhole by hand
+            seg = clip.segmentation[shown]
+            i, j = int(round(v)), int(round(u))
+            total += 1
+            if 0 <= i < 96 and 0 <= j < 96:
+                window = seg[max(i - 2, 0) : i + 3, max(j - 2, 0) : j + 3]
+                hits += bool(np.isin(window, list(HAND_SEGMENT.values())).any())
+    assert total > 0
+    assert hits / total >= 0.8, (hits, total)
+
+
 def test_real_hot3d_trajectories_give_text_only_action_samples():
     root = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures" / "real" / "hot3d"
     if not root.is_dir():
