@@ -4,6 +4,7 @@
     hand3d walkthrough                                  # geometry tour on the real fixtures
     hand3d build --source synth --num-clips 100 --out hand3d --num-workers 2   # build Hand3D (resumable)
     hand3d publish hand3d [--repo-id my-org/hand3d]     # dataset card (+ upload to the Hub)
+    hand3d evaluate --model runs/stage2 --data hand3d --out eval   # Hand3D-test metrics + Figures 8-9
 
 Each sub-command imports its heavy modules lazily so that `hand3d --help` stays fast.
 """
@@ -68,6 +69,44 @@ def _publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from hand3d_dataset.evaluate import evaluate_model_dir
+
+    result = evaluate_model_dir(
+        args.model,
+        args.data,
+        split=args.split,
+        config=args.config,
+        batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens,
+        limit=args.limit,
+        out_dir=args.out,
+        progress=not args.no_progress,
+    )
+    for cfg, res in result["configs"].items():
+        s = res["summary"]
+        line = f"hand3d evaluate: {cfg} {args.split} ({res['n']} rows)"
+        if s["direction_score"] is not None:
+            line += f"; direction score {s['direction_score']:.2f}/3"
+        if s["distance_error_m"] is not None:
+            line += f"; distance error {s['distance_error_m']:.3f} m"
+        if s["n_unparseable"] is not None:
+            line += f"; unparseable {s['n_unparseable']}"
+        if s["motion_decodable_fraction"] is not None:
+            line += f"; motion decodable {s['motion_decodable_fraction']:.2f}"
+            if s["motion_waypoint_error_m"] is not None:
+                line += (
+                    f", waypoint error {s['motion_waypoint_error_m']:.3f} m, "
+                    f"final error {s['motion_final_error_m']:.3f} m"
+                )
+        print(line)
+    for cfg, why in result["skipped"].items():
+        print(f"hand3d evaluate: {cfg} skipped: {why}")
+    if "results_json" in result:
+        print(f"hand3d evaluate: wrote {result['results_json']} and {sorted(result['plots'].values())}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hand3d", description="Hand3D toolkit of the VIPA-VLA package.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +163,35 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     p.set_defaults(func=_publish)
+
+    p = sub.add_parser(
+        "evaluate",
+        help="Hand3D-test evaluation of a VIPA checkpoint (Table 8, Figures 8-9)",
+        description="Greedy, batched generation on a Hand3D split; direction score (of 3), distance error (m) "
+        "and unparseable answers per task type and overall; motion-token answers decoded to trajectories "
+        "(waypoint and final-point error in metres, decodable fraction). With --out: results.json, "
+        "figure8.png (score/error histograms), figure9.png (predicted vs ground-truth trajectories).",
+    )
+    p.add_argument("--model", type=Path, required=True, help="checkpoint folder (model + processor)")
+    p.add_argument("--data", type=Path, required=True, help="folder written by `hand3d build`")
+    p.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    p.add_argument(
+        "--config",
+        default="auto",
+        choices=["auto", "visual", "action", "both"],
+        help="dataset config; auto = visual, plus action when the model has motion tokens (default: auto)",
+    )
+    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate() call (default: 8)")
+    p.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="generation budget (default: 64, and at least 3 x longest trajectory + 4 for motion rows)",
+    )
+    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N rows of each config")
+    p.add_argument("--out", type=Path, default=None, help="output folder for results.json and the figures")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=_evaluate)
     return parser
 
 
