@@ -240,6 +240,9 @@ class VipaProcessor(ProcessorMixin):
             config.pop(key, None)
         image_processor = GotOcr2ImageProcessorPil(**config) if config else cls.default_image_processor()
         kwargs.pop("subfolder", None)
+        # The tokenizer is a stock class: it never needs remote code. Without this, AutoTokenizer reads the
+        # model's `auto_map` in a checkpoint's config.json and asks interactively whether to run it.
+        kwargs.setdefault("trust_remote_code", False)
         tokenizer = cls._load_tokenizer_from_pretrained("tokenizer", pretrained_model_name_or_path, **kwargs)
         return [image_processor, tokenizer]
 
