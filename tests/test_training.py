@@ -336,6 +336,12 @@ def test_resume_matches_uninterrupted_run(tmp_path, tiny_checkpoint, hand3d) -> 
     assert moved and all(n.startswith("model.fusion.") for n in moved), sorted(moved)
     losses = [h["loss"] for h in full.state.log_history if "loss" in h]
     assert len(losses) == 4 and all(np.isfinite(losses))
+    # a finished run marks its checkpoint as trained (the Space reads this); an interrupted one does not
+    summary = json.loads((tmp_path / "full" / "training_summary.json").read_text())
+    assert summary["stage"] == 1 and summary["steps"] == 4 and summary["final_loss"] == losses[-1]
+    assert summary["trainable_parameters"] == sum(
+        v.numel() for n, v in expected.items() if n.startswith("model.fusion.")
+    )
 
 
 def test_resume_without_checkpoint_is_an_error(tmp_path, tiny_checkpoint, hand3d) -> None:

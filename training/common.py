@@ -440,4 +440,28 @@ def run_stage(
     trainer.save_model(str(output_dir))  # model.save_pretrained (remote code) + processor.save_pretrained
     if trainer.is_world_process_zero():
         trainer.processing_class.save_pretrained(str(output_dir))
+        write_training_summary(trainer, stage, recipe, data_dir, output_dir)
     return trainer
+
+
+TRAINING_SUMMARY = (
+    "training_summary.json"  # the Space's "this checkpoint is trained" marker (spaces_demo.app)
+)
+
+
+def write_training_summary(trainer: Any, stage: int, recipe: Recipe, data_dir, output_dir) -> Path:
+    """Writes `training_summary.json` beside the weights (atomically): what trained this checkpoint."""
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "stage": stage,
+        "steps": int(trainer.state.global_step),
+        "dataset": str(data_dir),
+        "final_loss": losses[-1] if losses else None,
+        "recipe": dataclasses.asdict(recipe),
+        "trainable_parameters": int(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
+    }
+    path = Path(output_dir) / TRAINING_SUMMARY
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
