@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import PIL.Image
 import pytest
-import torch
 
 from hand3d_dataset.cli import main
 from hand3d_dataset.evaluate import (
@@ -59,16 +58,13 @@ def rows(hand3d):
 
 
 def _tiny_model(with_motion: bool):
-    from modeling_vipa.configuration_vipa import VipaConfig, internvl_tiny_config
-    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration, add_motion_tokens
-    from tests.tiny_assets import build_tiny_processor
+    from tests.tiny_assets import build_tiny_model, build_tiny_processor
 
     processor = build_tiny_processor()
-    ivl = internvl_tiny_config(image_token_id=processor.image_token_id)
-    ivl.text_config.vocab_size = len(processor.tokenizer)
-    torch.manual_seed(0)
-    model = VipaForConditionalGeneration(VipaConfig.tiny(internvl_config=ivl)).eval()
+    model = build_tiny_model(processor)
     if with_motion:
+        from modeling_vipa.modeling_vipa import add_motion_tokens
+
         add_motion_tokens(model, processor)
     return model, processor
 

@@ -444,13 +444,8 @@ def test_action_bad_input(action_model: VipaForActionPrediction) -> None:
 def test_end_to_end_with_the_tiny_processor() -> None:
     """The processor's batch feeds the model as is; motion tokens and un-normalisation go through it."""
     tiny_assets = pytest.importorskip("tests.tiny_assets")
-    from modeling_vipa.configuration_vipa import internvl_tiny_config
-
     processor = tiny_assets.build_tiny_processor()
-    ivl = internvl_tiny_config(image_token_id=processor.image_token_id)
-    ivl.text_config.vocab_size = len(processor.tokenizer)
-    torch.manual_seed(6)
-    model = VipaForActionPrediction(VipaConfig.tiny(internvl_config=ivl)).eval()
+    model = tiny_assets.build_tiny_model(processor, seed=6, model_class=VipaForActionPrediction)
     make_image = tiny_assets.make_image
     batch = processor(
         images=[[make_image(40, 50, 0), make_image(40, 50, 1)], [make_image(30, 60, 2, mode="RGBA")]],

@@ -24,10 +24,8 @@ pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from hand3d_dataset.metrics import parse_answer  # noqa: E402
-from modeling_vipa.configuration_vipa import VipaConfig, internvl_tiny_config  # noqa: E402
-from modeling_vipa.modeling_vipa import VipaForConditionalGeneration, add_motion_tokens  # noqa: E402
 from spaces_demo.examples import export_examples, load_examples  # noqa: E402
-from tests.tiny_assets import build_tiny_processor, make_image  # noqa: E402
+from tests.tiny_assets import build_tiny_model, build_tiny_processor, make_image  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 GT_TRAJECTORY = [[0.0, 0.05, 0.4], [0.05, 0.0, 0.45], [0.1, -0.05, 0.5]]
@@ -44,10 +42,7 @@ VISUAL_TARGET = {
 def build_tiny_checkpoint(path: Path, trained: bool = False) -> Path:
     """A random tiny VIPA-VLA with motion tokens, saved with its processor (the Auto classes load it)."""
     processor = build_tiny_processor(with_motion_tokens=True)
-    torch.manual_seed(0)
-    ivl = internvl_tiny_config(image_token_id=processor.image_token_id)
-    model = VipaForConditionalGeneration(VipaConfig.tiny(internvl_config=ivl)).eval()
-    add_motion_tokens(model, processor)
+    model = build_tiny_model(processor)
     model.save_pretrained(path)
     processor.save_pretrained(path)
     if trained:

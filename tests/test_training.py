@@ -24,7 +24,7 @@ import datasets  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
-from modeling_vipa.configuration_vipa import VipaConfig, VipaFusionConfig, internvl_tiny_config  # noqa: E402
+from modeling_vipa.configuration_vipa import VipaFusionConfig  # noqa: E402
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration  # noqa: E402
 from training.common import Recipe, load_hand3d_split, load_recipe, validate_dataset  # noqa: E402
 from training.stage1 import train_stage1  # noqa: E402
@@ -146,11 +146,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny VIPA checkpoint (model + processor), fusion dropout on (RNG must resume)."""
     tiny_assets = pytest.importorskip("tests.tiny_assets")
     processor = tiny_assets.build_tiny_processor()
-    ivl = internvl_tiny_config(image_token_id=processor.image_token_id)
-    ivl.text_config.vocab_size = len(processor.tokenizer)
-    torch.manual_seed(0)
-    config = VipaConfig.tiny(internvl_config=ivl, fusion_layer_config=VipaFusionConfig.tiny(dropout=0.1))
-    model = VipaForConditionalGeneration(config)
+    model = tiny_assets.build_tiny_model(processor, fusion_layer_config=VipaFusionConfig.tiny(dropout=0.1))
     out = tmp_path_factory.mktemp("vipa_tiny")
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))

@@ -129,3 +129,29 @@ def make_image(height: int, width: int, seed: int = 0, mode: str = "RGB") -> PIL
     channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
     arr = rng.integers(0, 256, size=(height, width, channels), dtype=np.uint8)
     return PIL.Image.fromarray(arr[..., 0] if channels == 1 else arr)  # uint8 layout gives the mode
+
+
+def tiny_vipa_config(processor: VipaProcessor, **overrides):
+    """`VipaConfig.tiny()` whose InternVL part matches `processor`: its image-token id and vocabulary size.
+
+    overrides: other `VipaConfig` fields (e.g. `fusion_layer_config=VipaFusionConfig.tiny(dropout=0.1)`).
+    """
+    from modeling_vipa.configuration_vipa import VipaConfig, internvl_tiny_config
+
+    internvl = internvl_tiny_config(image_token_id=processor.image_token_id)
+    internvl.text_config.vocab_size = len(processor.tokenizer)
+    return VipaConfig.tiny(internvl_config=internvl, **overrides)
+
+
+def build_tiny_model(processor: VipaProcessor, *, seed: int = 0, model_class=None, **overrides):
+    """A randomly initialised tiny VIPA model (eval mode) matching `processor`; motion token ids are recorded
+    when the processor has motion tokens."""
+    import torch
+
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration, add_motion_tokens
+
+    torch.manual_seed(seed)
+    model = (model_class or VipaForConditionalGeneration)(tiny_vipa_config(processor, **overrides)).eval()
+    if processor.has_motion_tokens:
+        add_motion_tokens(model, processor)
+    return model
