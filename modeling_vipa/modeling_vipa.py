@@ -176,22 +176,36 @@ class VipaModel(VipaPreTrainedModel):
         pixel_values: torch.Tensor | None,
         spatial_pixel_values: torch.Tensor | None,
         spatial_frame_mask: torch.Tensor | None,
+        spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor | None:
         """Validate the visual inputs against the image placeholders; returns the (B, T) bool frame mask."""
         ivl = self.config.internvl_config
         seq = ivl.image_seq_length
         n_placeholders = None if input_ids is None else (input_ids == ivl.image_token_id).sum(-1)
-        if pixel_values is None and spatial_pixel_values is None:
+        if spatial_tokens is not None:
+            # precomputed V_spa (e.g. training.spatial_cache) stand in for the CUT3R inputs
+            if spatial_pixel_values is not None:
+                raise ValueError("pass spatial_pixel_values or spatial_tokens, not both")
+            d_s = self.config.spatial_config.hidden_size
+            if spatial_tokens.ndim != 4 or spatial_tokens.shape[-1] != d_s:
+                raise ValueError(
+                    f"spatial_tokens must be (batch, frames, 1 + N_s, {d_s}), got {tuple(spatial_tokens.shape)}"
+                )
+            if not torch.isfinite(spatial_tokens).all():
+                raise ValueError("spatial_tokens contains NaN or inf")
+        spatial = spatial_pixel_values if spatial_tokens is None else spatial_tokens
+        if pixel_values is None and spatial is None:
             if n_placeholders is not None and int(n_placeholders.sum()) > 0:
                 raise ValueError(
                     f"input_ids hold {int(n_placeholders.sum())} image placeholder tokens "
                     f"(id {ivl.image_token_id}) but no pixel_values / spatial_pixel_values came"
                 )
             return None
-        if pixel_values is None or spatial_pixel_values is None:
+        if pixel_values is None or spatial is None:
             missing = "pixel_values" if pixel_values is None else "spatial_pixel_values"
             raise ValueError(
-                f"VIPA needs both pixel_values (InternVL) and spatial_pixel_values (CUT3R); {missing} is None"
+                f"VIPA needs both pixel_values (InternVL) and spatial_pixel_values (CUT3R) or spatial_tokens; "
+                f"{missing} is None"
             )
         if isinstance(pixel_values, (list, tuple)):
             shapes = sorted({tuple(p.shape) for p in pixel_values})
@@ -205,22 +219,22 @@ class VipaModel(VipaPreTrainedModel):
             raise ValueError(
                 f"pixel_values must be (frames, 3, {size[0]}, {size[1]}), got {tuple(pixel_values.shape)}"
             )
-        if spatial_pixel_values.ndim != 5 or spatial_pixel_values.shape[2] != 3:
-            raise ValueError(
-                f"spatial_pixel_values must be (batch, frames, 3, Hs, Ws), got {tuple(spatial_pixel_values.shape)}"
-            )
-        batch, frames, _, hs, ws = spatial_pixel_values.shape
-        patch = self.config.spatial_config.patch_size
-        if hs % patch or ws % patch or hs == 0 or ws == 0:
-            raise ValueError(
-                f"spatial_pixel_values height and width must be positive multiples of {patch}, got {hs}x{ws}"
-            )
+        if spatial_tokens is None:
+            if spatial_pixel_values.ndim != 5 or spatial_pixel_values.shape[2] != 3:
+                raise ValueError(
+                    f"spatial_pixel_values must be (batch, frames, 3, Hs, Ws), got {tuple(spatial_pixel_values.shape)}"
+                )
+            hs, ws = spatial_pixel_values.shape[-2:]
+            patch = self.config.spatial_config.patch_size
+            if hs % patch or ws % patch or hs == 0 or ws == 0:
+                raise ValueError(
+                    f"spatial_pixel_values height and width must be positive multiples of {patch}, got {hs}x{ws}"
+                )
+        batch, frames = spatial.shape[:2]
         if frames > self.config.max_frames:
             raise ValueError(f"at most max_frames={self.config.max_frames} frames per sample, got {frames}")
         if spatial_frame_mask is None:
-            spatial_frame_mask = torch.ones(
-                batch, frames, dtype=torch.bool, device=spatial_pixel_values.device
-            )
+            spatial_frame_mask = torch.ones(batch, frames, dtype=torch.bool, device=spatial.device)
         if tuple(spatial_frame_mask.shape) != (batch, frames):
             raise ValueError(
                 f"spatial_frame_mask must be {(batch, frames)}, got {tuple(spatial_frame_mask.shape)}"
@@ -249,7 +263,7 @@ class VipaModel(VipaPreTrainedModel):
                     f"{expected.tolist()} (frames {mask.sum(-1).tolist()} x image_seq_length {seq})"
                 )
         for name, tensor in (("pixel_values", pixel_values), ("spatial_pixel_values", spatial_pixel_values)):
-            if not torch.isfinite(tensor).all():
+            if tensor is not None and not torch.isfinite(tensor).all():
                 raise ValueError(f"{name} contains NaN or inf")
         return mask
 
@@ -259,6 +273,7 @@ class VipaModel(VipaPreTrainedModel):
         spatial_pixel_values: torch.Tensor,
         spatial_frame_mask: torch.Tensor | None = None,
         use_spatial: bool = True,
+        spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused image features in the LLM embedding space.
 
@@ -266,6 +281,8 @@ class VipaModel(VipaPreTrainedModel):
             pixel_values: (F, 3, S, S) InternVL tiles of the real frames, sample-major, time order.
             spatial_pixel_values: (B, T, 3, Hs, Ws) CUT3R inputs; spatial_frame_mask: (B, T) bool.
             use_spatial: False skips CUT3R and the fusion (the plain InternVL path, for ablations/benchmarks).
+            spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens (`Cut3rOutput.tokens`, e.g. from
+                `training.spatial_cache`); when given, CUT3R is not run and spatial_pixel_values may be None.
 
         Returns:
             (F, image_seq_length, d_llm).
@@ -277,9 +294,12 @@ class VipaModel(VipaPreTrainedModel):
             V_sem = V_sem[:, 1:]  # drop CLS: only patch tokens are pixel-shuffled
         if use_spatial:
             mask = spatial_frame_mask.bool()
-            tokens = self.spatial_encoder(
-                spatial_pixel_values.to(self.spatial_encoder.dtype), frame_mask=mask, return_heads=False
-            ).tokens
+            if spatial_tokens is not None:
+                tokens = spatial_tokens.to(self.spatial_encoder.dtype)
+            else:
+                tokens = self.spatial_encoder(
+                    spatial_pixel_values.to(self.spatial_encoder.dtype), frame_mask=mask, return_heads=False
+                ).tokens
             V_spa = tokens[mask]  # (F, 1 + N_s, d_s): pose token + patch tokens, same frame order as V_sem
             V_sem = self.fusion(V_sem, V_spa)
         frames, n_v, d_v = V_sem.shape
@@ -297,6 +317,7 @@ class VipaModel(VipaPreTrainedModel):
         spatial_frame_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_spatial: bool = True,
+        spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with the image placeholders replaced by fused image features, (B, L, d_llm)."""
         if (input_ids is None) == (inputs_embeds is None):
@@ -305,14 +326,18 @@ class VipaModel(VipaPreTrainedModel):
             raise ValueError(
                 f"input_ids must be a non-empty (batch, length) tensor, got {tuple(input_ids.shape)}"
             )
-        mask = self._check_visual_inputs(input_ids, pixel_values, spatial_pixel_values, spatial_frame_mask)
+        mask = self._check_visual_inputs(
+            input_ids, pixel_values, spatial_pixel_values, spatial_frame_mask, spatial_tokens
+        )
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
         if mask is None:
             return inputs_embeds
         if isinstance(pixel_values, (list, tuple)):
             pixel_values = torch.stack(list(pixel_values))
-        features = self.get_image_features(pixel_values, spatial_pixel_values, mask, use_spatial=use_spatial)
+        features = self.get_image_features(
+            pixel_values, spatial_pixel_values, mask, use_spatial=use_spatial, spatial_tokens=spatial_tokens
+        )
         if input_ids is None:
             raise ValueError("images need input_ids: the image placeholders are found by token id")
         placeholder = (input_ids == self.config.image_token_id)[..., None].to(inputs_embeds.device)
@@ -329,6 +354,7 @@ class VipaModel(VipaPreTrainedModel):
         cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
+        spatial_tokens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Qwen3 over the prompt with fused image features; inputs as `VipaForConditionalGeneration.forward`.
@@ -337,7 +363,12 @@ class VipaModel(VipaPreTrainedModel):
             `BaseModelOutputWithPast` with `last_hidden_state` (B, L, d_llm) and `cache`.
         """
         inputs_embeds = self.embed_inputs(
-            input_ids, pixel_values, spatial_pixel_values, spatial_frame_mask, inputs_embeds=inputs_embeds
+            input_ids,
+            pixel_values,
+            spatial_pixel_values,
+            spatial_frame_mask,
+            inputs_embeds=inputs_embeds,
+            spatial_tokens=spatial_tokens,
         )
         return self.language_model(
             inputs_embeds=inputs_embeds,
@@ -402,6 +433,7 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
+        spatial_tokens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward.
@@ -411,6 +443,8 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
             attention_mask: (B, L) 1 on real tokens.
             pixel_values: (F, 3, S, S) InternVL tiles; spatial_pixel_values: (B, T, 3, Hs, Ws);
                 spatial_frame_mask: (B, T) bool, F = spatial_frame_mask.sum().
+            spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens in place of spatial_pixel_values
+                (stage 1 with a frozen encoder: `training.spatial_cache.SpatialTokenCache`).
             labels: (B, L) next-token targets (-100 ignored), shifted inside the loss.
 
         Returns:
@@ -426,6 +460,7 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
             position_ids=position_ids,
             cache=cache,
             use_cache=use_cache,
+            spatial_tokens=spatial_tokens,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -454,6 +489,7 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
         if not is_first_iteration and kwargs.get("use_cache", True):
             model_inputs.pop("spatial_pixel_values", None)
             model_inputs.pop("spatial_frame_mask", None)
+            model_inputs.pop("spatial_tokens", None)
         return model_inputs
 
 
