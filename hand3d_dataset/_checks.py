@@ -61,7 +61,9 @@ def check_rotation(name: str, R, atol: float = 1e-5) -> np.ndarray:
     R = check_shape(name, as_array(name, R), (3, 3))
     err = np.abs(np.einsum("...ji,...jk->...ik", R, R) - np.eye(3)).max(initial=0.0)
     if err > atol:
-        raise ValueError(f"{name}: not orthonormal (max |R^T R - I| = {err:.3g} > {atol}); pass a rotation matrix")
+        raise ValueError(
+            f"{name}: not orthonormal (max |R^T R - I| = {err:.3g} > {atol}); pass a rotation matrix"
+        )
     det = np.linalg.det(R)
     if np.any(det < 0):
         raise ValueError(f"{name}: determinant {det.min():.3g} < 0 (a reflection, not a rotation)")
