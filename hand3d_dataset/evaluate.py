@@ -120,12 +120,14 @@ def load_rows(
     """
     import datasets
 
+    from hand3d_dataset.loading import load_hand3d
+
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
     if not Path(dataset_dir).is_dir():
         raise ValueError(f"dataset_dir: no folder at {str(dataset_dir)!r} (build one with `hand3d build`)")
     try:
-        ds = datasets.load_dataset(str(dataset_dir), config, split=split)
+        ds = load_hand3d(dataset_dir, config, split=split)  # content-keyed cache, not name-keyed
     except (ValueError, FileNotFoundError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ValueError(
             f"dataset_dir: cannot load config {config!r} split {split!r} from {str(dataset_dir)!r}: {e}"

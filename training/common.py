@@ -31,6 +31,7 @@ import yaml
 from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
+from hand3d_dataset.loading import load_hand3d
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration, add_motion_tokens, set_trainable
 from processing_vipa.processing_vipa import IMAGE_PLACEHOLDER, VipaProcessor
 
@@ -145,7 +146,7 @@ def load_hand3d_split(data_dir: str | os.PathLike, config: str, split: str = "tr
     if not Path(data_dir).is_dir():
         raise ValueError(f"data_dir: no dataset folder at {str(data_dir)!r} (build one with `hand3d build`)")
     try:
-        dataset = datasets.load_dataset(str(data_dir), config, split=split)
+        dataset = load_hand3d(data_dir, config, split=split)  # content-keyed cache, not name-keyed
     except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
         raise ValueError(
             f"data_dir: cannot load config {config!r} split {split!r} from {str(data_dir)!r} "
