@@ -1,0 +1,124 @@
+"""The main job (`python -m training.main_job --quick --no-serve`) runs end to end in a fresh process: every
+phase's output exists, the Table-8-shaped table prints, the trivial-baseline row matches a by-hand computation
+from the parquet files, the served checkpoint reloads through the Auto classes in another process and carries
+the Space's "trained" marker, and a second run resumes (every phase skipped). No accuracy is asserted: the
+quick run learns nothing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("mujoco")
+pytest.importorskip("trl")
+
+ROOT = Path(__file__).resolve().parents[1]
+PHASES = (
+    "build",
+    "stand-in init",
+    "CUT3R stand-in",
+    "single encoder",
+    "compose",
+    "stage 1",
+    "stage 2",
+    "evaluate",
+)
+
+
+def _env() -> dict:
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VIPA_NO_SERVE": "1"}
+
+
+def _run_job(out: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "training.main_job", "--quick", "--no-serve", "--out", str(out)]
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+
+
+def _trivial_by_hand(data: Path, n_test: int) -> float:
+    """Direction score of "most frequent label per axis per task type" from the raw parquet rows."""
+    import pyarrow.parquet as pq
+
+    def rows(split: str) -> list[dict]:
+        tables = [pq.read_table(p, columns=["task_type", "target"]) for p in sorted((data / "data" / "visual").glob(f"{split}-*.parquet"))]  # fmt: skip
+        return [r for t in tables for r in t.to_pylist()]
+
+    train, test = rows("train"), rows("test")[:n_test]
+    scores = []
+    for r in test:
+        if r["target"].get("distance_m") is None:  # camera rows have no direction score
+            continue
+        pool = [t["target"]["labels"] for t in train if t["task_type"] == r["task_type"]]
+        guess = {ax: Counter(p[ax] for p in pool).most_common(1)[0][0] for ax in ("x", "y", "z")}
+        scores.append(sum(guess[ax] == r["target"]["labels"][ax] for ax in ("x", "y", "z")))
+    return float(np.mean(scores))
+
+
+@pytest.mark.slow
+def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    proc = _run_job(out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    stdout = proc.stdout
+    assert "Dist. Err. (m)" in stdout and "Dir. Scr." in stdout, stdout[-2000:]
+    for row in ("Trivial baseline", "Single encoder + Hand3D (no 3D branch)", "VIPA-VLA-PT"):
+        assert row in stdout, row
+
+    results = json.loads((out / "results.json").read_text())
+    names = [r["model"] for r in results["table8"]]
+    assert len(names) == 3 and names[0].startswith("Trivial"), names
+    for phase in PHASES:
+        assert any(phase in k for k in results["phase_seconds"]), (phase, results["phase_seconds"])
+    # the trivial row, recomputed independently from the parquet files
+    n_test = results["config"]["main_job"]["eval_limit"]
+    expected = _trivial_by_hand(out / "hand3d", n_test)
+    assert results["table8"][0]["direction_score"] == pytest.approx(expected, abs=1e-9)
+    # stand-ins are labelled as such wherever they are recorded
+    assert results["stand_ins"]["cut3r"]["stand_in"] is True
+    assert json.loads((out / "single_encoder" / "training_summary.json").read_text())["stand_in"] is True
+    for png in ("eval/figure8.png",):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+
+    # the served checkpoint: trained marker + loadable by the Auto classes in a fresh process
+    served = out / "vipa"
+    summary = json.loads((served / "training_summary.json").read_text())
+    assert summary["stage"] == 2 and summary["steps"] == 2
+    code = (
+        "import sys\n"
+        "from transformers import AutoModel, AutoProcessor\n"
+        "for path in sys.argv[1:]:\n"
+        "    m = AutoModel.from_pretrained(path, trust_remote_code=True)\n"
+        "    p = AutoProcessor.from_pretrained(path, trust_remote_code=True)\n"
+        "    assert type(m).__name__ == 'VipaForConditionalGeneration', type(m)\n"
+        "    print('CKPT', path.split('/')[-1], m.config.num_motion_bins, p.has_motion_tokens, float(m.model.fusion.alpha))\n"
+    )
+    check = subprocess.run(
+        [sys.executable, "-c", code, str(served), str(out / "single_encoder")],
+        cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert check.returncode == 0, check.stderr[-3000:]
+    lines = {ln.split()[1]: ln.split()[2:] for ln in check.stdout.splitlines() if ln.startswith("CKPT")}
+    assert lines["vipa"][:2] == ["1024", "True"], lines  # stage 2 added the motion tokens
+    # the single-encoder checkpoint really has its 3D branch off (alpha = 0: V_f = V_sem) and no motion tokens
+    assert lines["single_encoder"] == ["0", "False", "0.0"], lines
+
+    # resume: a second run skips every phase and prints the same table
+    again = _run_job(out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("already complete, skipped") == len(PHASES), again.stdout[-3000:]
+    assert results["table8"] == json.loads((out / "results.json").read_text())["table8"]
+
+
+def test_main_job_refuses_other_settings_in_same_folder(tmp_path: Path) -> None:
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "job_config.json").write_text(json.dumps({"main_job": {"num_clips": 1}, "standins": {}}))
+    proc = _run_job(out)
+    assert proc.returncode == 2
+    assert "other settings" in proc.stderr

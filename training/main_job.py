@@ -1,0 +1,501 @@
+"""The main job on the embedded default (README command 1, `make demo`): build a synth Hand3D, train stand-ins for
+the pretrained parts, run the paper's pretraining stages 1 and 2, evaluate on the Hand3D test split, print a
+table shaped like the paper's Table 8, write plots and `results.json`, then serve the Space.
+
+    python -m training.main_job                      # outputs/demo, ~20 min on 2 CPU cores, then serves
+    python -m training.main_job --quick --no-serve   # seconds-long smoke run (tests)
+
+Phases, each writing its outputs atomically (a temporary folder renamed, or a marker file written last) and
+skipped when already complete, so an interrupted run continues where it stopped:
+
+1. `hand3d/`: synth Hand3D (`hand3d build`; the builder resumes by shard).
+2. `standins/init/`: tokenizer (BPE on the train texts), processor and the random stand-in VIPA model.
+3. `standins/cut3r/`: the CUT3R STAND-IN, pointmap regression from rendered metric depth (synth train clips).
+4. `single_encoder/`: the semantic backbone STAND-IN (tiny InternVL, 3D branch off), trained on Hand3D-visual
+   train: Table 8's "single-encoder model trained with Hand3D".
+5. `standins/vipa_init/`: VIPA-VLA initialised as the paper does (§3.2.3): that backbone + the CUT3R stand-in
+   + a freshly initialised fusion layer (alpha = 0.5).
+6. `runs/stage1/`: stage 1 (`training.stage1`: only the fusion layer, Hand3D-visual) -> Table 8's VIPA-VLA-PT.
+7. `vipa/`: stage 2 (`training.stage2`: motion tokens + fusion + LLM, Hand3D-action): the served checkpoint.
+8. `eval/`: the three Table 8 rows on the visual test split (+ stage 2's trajectories on the action test split),
+   `results.json`, `figure8.png`, `figure9.png`.
+
+A fair comparison: the single-encoder model and VIPA-VLA share the same backbone and the same Hand3D-visual
+training steps; VIPA-VLA then trains only its fusion layer (stage 1), never the backbone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+__all__ = ["MainJobConfig", "run_main_job", "format_table", "main"]
+
+TRAINING_MARKER = "training_summary.json"  # spaces_demo.app.TRAINING_MARKER: "this checkpoint is trained"
+
+
+@dataclass
+class MainJobConfig:
+    """Sizes of one main-job run; `quick()` for tests."""
+
+    out: str = "outputs/demo"  # output folder of every phase
+    num_clips: int = 400  # synth clips (about 9 visual + 3 action samples each; ~10% go to the test split)
+    image_size: int = 128  # rendered frame side, px (CUT3R input 64 = exactly half: pointmaps pool 2x2)
+    frames: int = 3  # frames per clip (samples show 1-3: each frame costs a CUT3R pass)
+    num_workers: int = 2  # processes of the dataset build
+    cut3r_clips: int = 200  # synth TRAIN clips rendered (with depth) for the CUT3R stand-in
+    stage1_steps: int = 1200  # optimiser steps of stage 1 (cpu-tiny recipe, global batch 8)
+    stage2_steps: int = 300  # optimiser steps of stage 2
+    eval_limit: int | None = None  # test rows per config evaluated (None: all)
+    eval_batch_size: int = 16  # prompts per generate() call
+    eval_max_new_tokens: int = 48  # answer tokens generated per visual question (answers use ~20-35)
+    seed: int = 0  # data and model seed
+    quick: bool = False  # the test-sized run
+    standins: dict = field(default_factory=dict)  # StandinConfig overrides
+
+    @classmethod
+    def quick_config(cls, out: str) -> MainJobConfig:
+        """A smoke-test run: a few clips, a few steps, nothing learnt."""
+        return cls(
+            out=out, num_clips=8, image_size=64, frames=3, num_workers=1, cut3r_clips=3, stage1_steps=2,
+            stage2_steps=2, eval_limit=4, eval_batch_size=4, eval_max_new_tokens=6, quick=True,
+        )  # fmt: skip
+
+
+# ---- phase plumbing --------------------------------------------------------------------------------------------
+def _write_json(obj: Any, path: Path) -> None:
+    """Write JSON atomically (temporary file + os.replace)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _atomic_dir(final: Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder; rename it to `final` only when the block succeeds."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    yield tmp
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+class _Phases:
+    """Wall time per phase, kept in `phase_times.json` across resumed runs."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "phase_times.json"
+        self.times = json.loads(self.path.read_text()) if self.path.is_file() else {}
+
+    @contextmanager
+    def run(self, name: str, done: bool) -> Iterator[bool]:
+        """Yields True when the phase must run; records its seconds (or that it was skipped)."""
+        if done:
+            print(f"[main_job] {name}: already complete, skipped", flush=True)
+            self.times.setdefault(name, {"seconds": None})["skipped_last_run"] = True
+            _write_json(self.times, self.path)
+            yield False
+            return
+        print(f"[main_job] {name} ...", flush=True)
+        t0 = time.time()
+        yield True
+        self.times[name] = {"seconds": round(time.time() - t0, 1), "skipped_last_run": False}
+        print(f"[main_job] {name}: {self.times[name]['seconds']} s", flush=True)
+        _write_json(self.times, self.path)
+
+
+def _isolate_datasets_cache(cache: Path) -> None:
+    """Give this run its own `datasets` cache.
+
+    `load_dataset(folder, config)` caches a local parquet folder under the folder's NAME and a hash of its
+    `data_files` patterns, which are the same for every Hand3D build: two different folders called `hand3d`
+    (this run's and a test's) share one cache entry, and the second one silently reads the first one's rows.
+    """
+    cache.mkdir(parents=True, exist_ok=True)
+    os.environ["HF_DATASETS_CACHE"] = str(cache.resolve())
+    if "datasets" in sys.modules:  # already imported (e.g. by a caller): its config was read at import
+        import datasets.config
+
+        datasets.config.HF_DATASETS_CACHE = cache.resolve()
+
+
+# ---- phases ----------------------------------------------------------------------------------------------------
+def _build_dataset(cfg: MainJobConfig, data_dir: Path) -> None:
+    from hand3d_dataset.build import BuildConfig, build
+
+    build(
+        BuildConfig(
+            source="synth", num_clips=cfg.num_clips, out=str(data_dir), num_workers=cfg.num_workers,
+            seed=cfg.seed, image_size=cfg.image_size, frames=cfg.frames,
+        )
+    )  # fmt: skip
+
+
+def _texts(dataset: Any) -> list[str]:
+    return [c["text"] for msgs in dataset["messages"] for m in msgs for c in m["content"] if c.get("text")]
+
+
+def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> None:
+    import torch
+
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+    from training.common import load_hand3d_split
+    from training.pretrain_standins import (
+        STANDIN_NOTE,
+        build_standin_processor,
+        build_standin_tokenizer,
+        standin_vipa_config,
+    )
+
+    # train split only: the test texts must not shape the vocabulary either
+    texts = _texts(load_hand3d_split(data_dir, "visual", "train"))
+    tokenizer = build_standin_tokenizer(texts, scfg.vocab_size)
+    processor = build_standin_processor(scfg, tokenizer)
+    torch.manual_seed(cfg.seed)
+    model = VipaForConditionalGeneration(standin_vipa_config(scfg, tokenizer))
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    _write_json({"stand_in": True, "note": STANDIN_NOTE, "trained": False}, out / "standin_info.json")
+
+
+def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> dict:
+    from hand3d_dataset.build import is_test_clip
+    from hand3d_dataset.sources.synth import SynthSource
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+    from processing_vipa.processing_vipa import VipaProcessor
+    from training.pretrain_standins import STANDIN_NOTE, prepare_cut3r_clips, pretrain_cut3r
+
+    model = VipaForConditionalGeneration.from_pretrained(str(init_dir))
+    processor = VipaProcessor.from_pretrained(str(init_dir), trust_remote_code=False)
+    encoder = model.model.spatial_encoder
+    source = SynthSource(
+        num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
+    )
+    # the build's split rule by clip position: only training clips teach the stand-in depth
+    ids = [c for i, c in enumerate(source.clip_ids()) if not is_test_clip(i, 0.1)][: cfg.cut3r_clips]
+    from tqdm.auto import tqdm
+
+    clips = prepare_cut3r_clips(
+        (source.load_clip(c) for c in tqdm(ids, desc="render synth depth", unit="clip")),
+        processor,
+        scfg.spatial_size,
+    )
+    summary = pretrain_cut3r(encoder, clips, scfg, processor, seed=cfg.seed)
+    summary.update(stand_in=True, note=STANDIN_NOTE, clips=len(clips))
+    encoder.save_pretrained(str(out))
+    _write_json(summary, out / "cut3r_summary.json")
+    return summary
+
+
+def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Path, out: Path) -> dict:
+    from training.common import load_hand3d_split, load_model_and_processor, validate_dataset
+    from training.pretrain_standins import STANDIN_NOTE, pretrain_semantic_backbone
+
+    model, processor = load_model_and_processor(init_dir)
+    train = load_hand3d_split(data_dir, "visual", "train")
+    train, report = validate_dataset(train, processor, max_length=1024, max_skip_fraction=0.05)
+    trainer = pretrain_semantic_backbone(model, processor, train, out / "_trainer", scfg, seed=cfg.seed)
+    shutil.rmtree(out / "_trainer", ignore_errors=True)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+    summary = {
+        "model": "single encoder (semantic backbone stand-in, tiny InternVL; 3D branch off: alpha = 0)",
+        "stand_in": True,
+        "note": STANDIN_NOTE,
+        "data": "Hand3D-visual train",
+        "steps": scfg.backbone_steps,
+        "batch_size": scfg.backbone_batch,
+        "learning_rate": scfg.backbone_lr,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "data_report": report,
+    }
+    _write_json(summary, out / TRAINING_MARKER)
+    return summary
+
+
+def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: Path) -> None:
+    """Paper §3.2.3: the (stand-in) pretrained VLM + the (stand-in) pretrained CUT3R + a fresh fusion layer."""
+    import torch
+
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+    from modeling_vipa.spatial_encoder import Cut3rEncoder
+    from training.common import load_model_and_processor
+
+    backbone, processor = load_model_and_processor(backbone_dir)
+    torch.manual_seed(cfg.seed + 1)
+    model = VipaForConditionalGeneration(backbone.config)
+    state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("model.fusion.")}
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or any(not k.startswith("model.fusion.") for k in missing):
+        raise RuntimeError(f"compose: unexpected keys {unexpected[:5]}, missing {missing[:5]}")
+    cut3r = Cut3rEncoder.from_pretrained(str(cut3r_dir))
+    model.model.spatial_encoder.load_state_dict(cut3r.state_dict())
+    if float(model.model.fusion.alpha) != model.config.fusion_layer_config.alpha_init:
+        raise RuntimeError("compose: the fresh fusion layer must start at alpha_init")
+    model.save_pretrained(str(out))
+    processor.save_pretrained(str(out))
+
+
+def _run_stage(stage: int, steps: int, model_dir: Path, data_dir: Path, out: Path, extra: dict) -> dict:
+    from training.common import load_recipe
+    from training.pretrain_standins import STANDIN_NOTE, TqdmCallback
+    from training.stage1 import train_stage1
+    from training.stage2 import train_stage2
+
+    recipe = load_recipe("cpu-tiny", max_steps=steps)
+    resume = out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir())
+    train = train_stage1 if stage == 1 else train_stage2
+    trainer = train(
+        model_dir, data_dir, out, recipe=recipe, resume=resume, callbacks=[TqdmCallback(f"stage {stage}")]
+    )
+    if trainer.state.global_step < steps:
+        raise RuntimeError(f"stage {stage} stopped at step {trainer.state.global_step} of {steps}")
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    summary = {
+        "stage": stage,
+        "recipe": "cpu-tiny",
+        "recipe_values": asdict(recipe),
+        "steps": steps,
+        "resumed": resume,
+        "loss_first": losses[0] if losses else None,
+        "loss_last": losses[-1] if losses else None,
+        "alpha": float(trainer.model.model.fusion.alpha),
+        "initialised_from": str(model_dir),
+        "built_on_stand_ins": True,
+        "note": STANDIN_NOTE,
+        **extra,
+    }
+    _write_json(summary, out / TRAINING_MARKER)
+    return summary
+
+
+def _evaluate(
+    cfg: MainJobConfig, data_dir: Path, models: dict[str, Path], stage2_dir: Path, out: Path
+) -> dict:
+    from hand3d_dataset.evaluate import (
+        evaluate_model,
+        evaluate_predictions,
+        load_rows,
+        plot_figure8,
+        trivial_baseline_predictions,
+        write_json,
+    )
+    from training.common import load_model_and_processor
+
+    train_rows = load_rows(data_dir, "visual", "train")
+    test_rows = load_rows(data_dir, "visual", "test", cfg.eval_limit)
+    baseline = evaluate_predictions(trivial_baseline_predictions(train_rows, test_rows), test_rows)
+    text = {"trivial baseline": baseline["text"]}
+    runs = {}
+    for name, model_dir in models.items():
+        model, processor = load_model_and_processor(model_dir)
+        res = evaluate_model(
+            model.eval(), processor, data_dir, config="visual", batch_size=cfg.eval_batch_size,
+            max_new_tokens=cfg.eval_max_new_tokens, limit=cfg.eval_limit, out_dir=out / _slug(name), name=name,
+        )  # fmt: skip
+        runs[name] = res
+        text[name] = res["configs"]["visual"]["text"]
+    figure8 = plot_figure8(text, out / "figure8.png")
+    # Figure 9: the stage-2 model's trajectories on the Hand3D-action test split
+    model, processor = load_model_and_processor(stage2_dir)
+    motion = evaluate_model(
+        model.eval(), processor, data_dir, config="action", batch_size=cfg.eval_batch_size,
+        max_new_tokens=cfg.eval_max_new_tokens if cfg.quick else None, limit=cfg.eval_limit,
+        out_dir=out / "vipa_stage2_action", name="VIPA-VLA (stage 2)",
+    )  # fmt: skip
+    rows = [_table_row("Trivial baseline (most frequent labels, mean distance)", baseline["text"]["overall"])]
+    for name, res in runs.items():
+        rows.append(_table_row(name, res["configs"]["visual"]["text"]["overall"]))
+    result = {
+        "split": "test",
+        "n_test_rows": len(test_rows),
+        "table8": rows,
+        "per_task": {
+            "trivial baseline": baseline["text"]["per_task"],
+            **{n: r["configs"]["visual"]["text"]["per_task"] for n, r in runs.items()},
+        },
+        "motion_stage2": motion["configs"].get("action", {}).get("summary"),
+        "plots": {"figure8": str(figure8), "figure9": motion["plots"].get("figure9")},
+    }
+    write_json(result, out / "table8.json")
+    return result
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
+
+
+def _table_row(name: str, overall: dict) -> dict:
+    return {
+        "model": name,
+        "distance_error_m": overall["distance_error_m"],
+        "direction_score": overall["direction_score"],
+        "axis_accuracy": overall["axis_accuracy"],
+        "n": overall["n_direction"],
+        "n_unparseable": overall["n_unparseable"],
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """Table 8's shape: model | Dist. Err. (m) lower is better | Dir. Scr. /3 higher is better, plus per-axis."""
+
+    def num(v: float | None, fmt: str) -> str:
+        return "n/a" if v is None else format(v, fmt)
+
+    width = max(len(r["model"]) for r in rows) + 2
+    head = (
+        f"{'Model':<{width}}{'Dist. Err. (m) ↓':>18}{'Dir. Scr. ↑':>14}{'x/y/z acc.':>20}{'unparseable':>13}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        acc = "/".join(num(r["axis_accuracy"].get(ax), ".2f") for ax in ("x", "y", "z"))
+        score = "n/a" if r["direction_score"] is None else f"{r['direction_score']:.2f}/3"
+        lines.append(
+            f"{r['model']:<{width}}{num(r['distance_error_m'], '.3f'):>18}{score:>14}{acc:>20}"
+            f"{r['n_unparseable']:>8} of {r['n']}"
+        )
+    return "\n".join(lines)
+
+
+# ---- the job ---------------------------------------------------------------------------------------------------
+def run_main_job(cfg: MainJobConfig) -> dict:
+    """Run (or resume) every phase; returns the `results.json` content."""
+    import torch
+
+    from training.pretrain_standins import StandinConfig
+
+    torch.set_num_threads(2)  # the embedded default: a 2-core machine
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    _isolate_datasets_cache(out / ".cache" / "datasets")
+    scfg = StandinConfig.quick() if cfg.quick else StandinConfig()
+    if cfg.standins:
+        scfg = StandinConfig(**{**asdict(scfg), **cfg.standins})
+    config_path = out / "job_config.json"
+    job = {"main_job": asdict(cfg), "standins": asdict(scfg)}
+    if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(json.dumps(job)):
+        raise ValueError(f"out: {out} holds a run with other settings ({config_path}); use another --out")
+    _write_json(job, config_path)
+    phases = _Phases(out)
+    t_start = time.time()
+    data, init, cut3r = out / "hand3d", out / "standins" / "init", out / "standins" / "cut3r"
+    single, vipa_init, stage1, stage2 = out / "single_encoder", out / "standins" / "vipa_init", out / "runs" / "stage1", out / "vipa"  # fmt: skip
+    (out / "standins").mkdir(exist_ok=True)
+    (out / "runs").mkdir(exist_ok=True)
+
+    report = data / "report.json"
+    done = (
+        report.is_file()
+        and json.loads(report.read_text()).get("config", {}).get("num_clips") == cfg.num_clips
+    )
+    with phases.run("1 build synth Hand3D", done) as todo:
+        if todo:
+            _build_dataset(cfg, data)
+            # a rebuilt folder must not be read through a cache of its previous content
+            shutil.rmtree(out / ".cache" / "datasets", ignore_errors=True)
+            _isolate_datasets_cache(out / ".cache" / "datasets")
+    with phases.run("2 tokenizer + stand-in init", init.is_dir()) as todo:
+        if todo:
+            with _atomic_dir(init) as tmp:
+                _init_standins(cfg, scfg, data, tmp)
+    with phases.run("3 CUT3R stand-in (pointmaps from depth)", cut3r.is_dir()) as todo:
+        if todo:
+            with _atomic_dir(cut3r) as tmp:
+                _train_cut3r(cfg, scfg, init, tmp)
+    with phases.run("4 semantic backbone stand-in = single encoder", single.is_dir()) as todo:
+        if todo:
+            with _atomic_dir(single) as tmp:
+                _train_backbone(cfg, scfg, init, data, tmp)
+    with phases.run("5 compose VIPA-VLA init", vipa_init.is_dir()) as todo:
+        if todo:
+            with _atomic_dir(vipa_init) as tmp:
+                _compose_vipa(cfg, single, cut3r, tmp)
+    with phases.run("6 stage 1 (fusion only, Hand3D-visual)", (stage1 / TRAINING_MARKER).is_file()) as todo:
+        if todo:
+            _run_stage(1, cfg.stage1_steps, vipa_init, data, stage1, {"model": "VIPA-VLA-PT (stage 1)"})
+    with phases.run("7 stage 2 (motion tokens + fusion + LLM, Hand3D-action)", (stage2 / TRAINING_MARKER).is_file()) as todo:  # fmt: skip
+        if todo:
+            _run_stage(2, cfg.stage2_steps, stage1, data, stage2, {"model": "VIPA-VLA (stages 1-2)"})
+    names = {
+        "Single encoder + Hand3D (no 3D branch)": single,
+        "VIPA-VLA-PT (stage 1: fusion only)": stage1,
+    }
+    evaluation = out / "eval" / "table8.json"
+    with phases.run("8 evaluate on Hand3D test", evaluation.is_file()) as todo:
+        if todo:
+            (out / "eval").mkdir(exist_ok=True)
+            _evaluate(cfg, data, names, stage2, out / "eval")
+    table = json.loads(evaluation.read_text())
+    results = {
+        **table,
+        "phase_seconds": {k: v.get("seconds") for k, v in phases.times.items()},
+        "this_run_seconds": round(time.time() - t_start, 1),
+        "stand_ins": {
+            "note": "the semantic backbone and CUT3R are STAND-INS trained here, not InternVL3.5 / CUT3R",
+            "cut3r": json.loads((cut3r / "cut3r_summary.json").read_text()),
+            "backbone": {
+                k: v
+                for k, v in json.loads((single / TRAINING_MARKER).read_text()).items()
+                if k != "data_report"
+            },
+        },  # fmt: skip
+        "stages": {
+            "stage1": json.loads((stage1 / TRAINING_MARKER).read_text()),
+            "stage2": json.loads((stage2 / TRAINING_MARKER).read_text()),
+        },
+        "config": job,
+    }
+    _write_json(results, out / "results.json")
+    print("\nHand3D test split (synth), Table 8 shape, all rows measured in this run:\n")
+    print(format_table(table["table8"]))
+    if table.get("motion_stage2"):
+        m = table["motion_stage2"]
+        print(
+            f"\nStage-2 trajectories (Hand3D-action test): waypoint error {m.get('motion_waypoint_error_m')} m, "
+            f"final error {m.get('motion_final_error_m')} m, decodable {m.get('motion_decodable_fraction')}"
+        )
+    print(f"\nresults: {out / 'results.json'}; plots: {table['plots']}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI: `python -m training.main_job [--out DIR] [--quick] [--no-serve]`; returns the exit status."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--out", default=None, help="output folder (default outputs/demo; --quick: outputs/demo-quick)"
+    )
+    parser.add_argument("--quick", action="store_true", help="seconds-long smoke run: a few clips and steps")
+    parser.add_argument(
+        "--no-serve", action="store_true", help="do not launch the Space at the end (or VIPA_NO_SERVE=1)"
+    )
+    args = parser.parse_args(argv)  # fmt: skip
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    out = args.out or ("outputs/demo-quick" if args.quick else "outputs/demo")
+    cfg = MainJobConfig.quick_config(out) if args.quick else MainJobConfig(out=out)
+    try:
+        run_main_job(cfg)
+    except ValueError as e:
+        print(f"main_job: error: {e}", file=sys.stderr)
+        return 2
+    if args.no_serve or os.environ.get("VIPA_NO_SERVE") == "1":
+        return 0
+    from spaces_demo.app import main as serve
+
+    return serve(["--model", str(Path(out) / "vipa"), "--host", "127.0.0.1"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

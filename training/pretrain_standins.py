@@ -1,0 +1,466 @@
+"""STAND-INS for the pretrained parts of VIPA-VLA, trained from scratch on synthetic Hand3D data (CPU default).
+
+The paper initialises VIPA-VLA from InternVL3.5-2B and the official CUT3R checkpoint (§3.2.3). Neither can be
+downloaded here, so the CPU main job (`training.main_job`) first trains small stand-ins for them. They are NOT
+those models and every checkpoint they produce says so in its `training_summary.json` (`"stand_in": true`):
+
+1. the semantic backbone (a tiny InternVL: vision tower + projector + Qwen3, no 3D branch) is trained on the
+   Hand3D-visual TRAIN split, so it is also the Table-8 row "single-encoder model trained with Hand3D";
+   the 3D branch exists in the checkpoint but is switched off exactly (`alpha = 0`, frozen), so
+   `V_f = V_sem` and the LLM sees InternVL's path only;
+2. the tiny CUT3R is trained on pointmap regression from the rendered metric depth of synth TRAIN clips:
+   `conf * |X_pred - X_gt| / z_mean - beta * log(conf)` (CUT3R's confidence-weighted regression), with both
+   pointmaps divided by the ground truth's mean depth (CUT3R's normalisation) so near and far scenes weigh
+   alike while the metric scale is still learnt.
+
+A byte-level BPE tokenizer with Qwen3's chat tokens and InternVL's image tokens (the same construction as
+`tests/tiny_assets.build_tiny_tokenizer`, replicated here because production code must not import tests)
+is trained on the Hand3D texts.
+
+Usage:
+
+    from training.pretrain_standins import (
+        StandinConfig, build_standin_processor, build_standin_tokenizer, standin_vipa_config,
+    )
+    cfg = StandinConfig.quick()
+    tokenizer = build_standin_tokenizer(["The hand is left and down of the cup, 0.44 m."], vocab_size=300)
+    config = standin_vipa_config(cfg, tokenizer)            # VipaConfig: tiny InternVL + tiny CUT3R + fusion
+    processor = build_standin_processor(cfg, tokenizer)     # VipaProcessor matching it
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerFast, TrainerCallback
+
+from hand3d_dataset.cameras import backproject_depth
+from modeling_vipa.configuration_cut3r import Cut3rConfig
+from modeling_vipa.configuration_vipa import VipaConfig, VipaFusionConfig, internvl_tiny_config
+from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+from modeling_vipa.spatial_encoder import Cut3rEncoder, Cut3rOutput
+from processing_vipa.processing_vipa import VipaProcessor
+
+__all__ = [
+    "StandinConfig",
+    "STANDIN_NOTE",
+    "build_standin_tokenizer",
+    "build_standin_processor",
+    "standin_vipa_config",
+    "TqdmCallback",
+    "pointmap_loss",
+    "gt_pointmaps",
+    "pretrain_cut3r",
+    "disable_spatial_branch",
+    "spatial_branch_skipped",
+    "pretrain_semantic_backbone",
+]
+
+STANDIN_NOTE = (
+    "STAND-IN: trained from scratch on synthetic Hand3D data by training.main_job because no pretrained "
+    "InternVL3.5 / CUT3R weights are available offline; not the paper's pretrained models"
+)
+# Qwen3's chat tokens and InternVL's image tokens, after the byte-level vocabulary as in Qwen.
+SPECIAL_TOKENS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<img>",
+    "</img>",
+    "<IMG_CONTEXT>",
+    "<video>",
+]
+
+
+@dataclass
+class StandinConfig:
+    """Sizes and schedules of the stand-in models (defaults: the CPU main job, ~20 min on 2 cores)."""
+
+    tile_size: int = 112  # InternVL tile side, px (patch 14 -> 64 patches -> 16 tokens per frame)
+    vision_hidden: int = 96  # InternViT stand-in width
+    vision_layers: int = 2  # InternViT stand-in depth
+    text_hidden: int = 128  # Qwen3 stand-in width
+    text_layers: int = 3  # Qwen3 stand-in depth
+    text_heads: int = 4  # Qwen3 attention heads (head_dim = text_hidden / text_heads)
+    vocab_size: int = 700  # BPE vocabulary trained on the Hand3D texts (before motion tokens)
+    spatial_size: int = 64  # CUT3R input side, px (square: synth frames are square, so no crop)
+    cut3r_dim: int = 64  # CUT3R encoder and decoder width (d_s)
+    cut3r_enc_layers: int = 3  # CUT3R encoder depth
+    cut3r_dec_layers: int = 2  # CUT3R decoder depth
+    fusion_dim: int = 64  # fusion cross-attention width
+    fusion_heads: int = 4  # fusion attention heads
+    cut3r_steps: int = 300  # pointmap-regression steps of the CUT3R stand-in
+    cut3r_batch: int = 4  # clips per CUT3R step
+    cut3r_frames: int = 2  # consecutive frames per clip in a CUT3R step (exercises the recurrent state)
+    cut3r_lr: float = 1e-3  # AdamW peak learning rate of the CUT3R stand-in (cosine to 0)
+    backbone_steps: int = 2000  # optimiser steps of the semantic backbone on Hand3D-visual train
+    backbone_batch: int = 8  # samples per backbone step
+    backbone_lr: float = 1e-3  # AdamW peak learning rate of the backbone (cosine, 3% warm-up)
+
+    def __post_init__(self) -> None:
+        for name, value in self.__dict__.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+                raise ValueError(f"StandinConfig.{name}: expected a number > 0, got {value!r}")
+        if self.tile_size % 28:
+            raise ValueError(
+                f"StandinConfig.tile_size: expected a multiple of 28 (patch 14, shuffle 0.5), got {self.tile_size}"
+            )
+        if self.spatial_size % 16:
+            raise ValueError(
+                f"StandinConfig.spatial_size: expected a multiple of 16, got {self.spatial_size}"
+            )
+        if self.text_hidden % self.text_heads:
+            raise ValueError(
+                f"StandinConfig.text_hidden={self.text_hidden} not a multiple of text_heads={self.text_heads}"
+            )
+
+    @classmethod
+    def quick(cls) -> StandinConfig:
+        """Seconds-long settings for tests (`--quick`): the pipeline runs, nothing is learnt."""
+        return cls(
+            tile_size=56, vision_hidden=32, text_hidden=32, text_layers=2, text_heads=2, vocab_size=320,
+            spatial_size=32, cut3r_dim=32, cut3r_enc_layers=2, fusion_dim=32, fusion_heads=2,
+            cut3r_steps=3, cut3r_batch=2, backbone_steps=3, backbone_batch=2,
+        )  # fmt: skip
+
+
+# ---- tokenizer, config, processor -----------------------------------------------------------------------------
+def build_standin_tokenizer(texts: Iterable[str], vocab_size: int = 700) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (every byte encodable), Qwen3/InternVL special tokens.
+
+    `<|endoftext|>` pads, `<|im_end|>` ends a turn (eos), no BOS; `<img>`, `</img>`, `<IMG_CONTEXT>`, `<video>`
+    are InternVL's image tokens. Deterministic for the same texts.
+    """
+    corpus = [t for t in texts if isinstance(t, str) and t]
+    if not corpus:
+        raise ValueError("texts: expected at least one non-empty string to train the tokenizer on")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator(corpus, trainer)
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        extra_special_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "video_token": "<video>",
+        },
+    )
+
+
+def standin_cut3r_config(cfg: StandinConfig) -> Cut3rConfig:
+    """The CUT3R stand-in: Cut3rConfig.tiny() widened to `cut3r_dim`, input `spatial_size`."""
+    d = cfg.cut3r_dim
+    return Cut3rConfig.tiny(
+        img_size=cfg.spatial_size,
+        enc_embed_dim=d,
+        enc_depth=cfg.cut3r_enc_layers,
+        enc_num_heads=max(2, d // 32),
+        dec_embed_dim=d,
+        dec_depth=cfg.cut3r_dec_layers,
+        dec_num_heads=max(2, d // 32),
+        state_dec_num_heads=max(2, d // 32),
+        dpt_layer_dims=(d // 4, d // 2, d // 2, d),
+        dpt_feature_dim=d // 2,
+    )
+
+
+def standin_vipa_config(cfg: StandinConfig, tokenizer: PreTrainedTokenizerFast) -> VipaConfig:
+    """VipaConfig of the stand-in model; the image token id and the vocabulary come from `tokenizer`."""
+    patches = (cfg.tile_size // 14) ** 2
+    head_dim = cfg.text_hidden // cfg.text_heads
+    vision = {
+        "hidden_size": cfg.vision_hidden,
+        "num_hidden_layers": cfg.vision_layers,
+        "num_attention_heads": max(2, cfg.vision_hidden // 32),
+        "intermediate_size": 2 * cfg.vision_hidden,
+        "image_size": cfg.tile_size,
+        "patch_size": 14,
+    }
+    text = {
+        "model_type": "qwen3",
+        "vocab_size": len(tokenizer),
+        "hidden_size": cfg.text_hidden,
+        "intermediate_size": 3 * cfg.text_hidden,
+        "num_hidden_layers": cfg.text_layers,
+        "num_attention_heads": cfg.text_heads,
+        "num_key_value_heads": max(1, cfg.text_heads // 2),
+        "head_dim": head_dim,
+        "max_position_embeddings": 1024,
+        "tie_word_embeddings": True,
+    }
+    ivl = internvl_tiny_config(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=patches // 4,
+    )
+    return VipaConfig.tiny(
+        internvl_config=ivl,
+        spatial_config=standin_cut3r_config(cfg),
+        fusion_layer_config=VipaFusionConfig(num_heads=cfg.fusion_heads, attention_dim=cfg.fusion_dim, dropout=0.0),
+    )  # fmt: skip
+
+
+def build_standin_processor(cfg: StandinConfig, tokenizer: PreTrainedTokenizerFast) -> VipaProcessor:
+    """The VipaProcessor of the stand-in model (tile `tile_size`, CUT3R `spatial_size` square)."""
+    return VipaProcessor(
+        image_processor=VipaProcessor.default_image_processor(cfg.tile_size),
+        tokenizer=tokenizer,
+        image_seq_length=(cfg.tile_size // 14) ** 2 // 4,
+        spatial_image_size=(cfg.spatial_size, cfg.spatial_size),
+    )
+
+
+class TqdmCallback(TrainerCallback):
+    """A tqdm bar over the optimiser steps of a transformers Trainer (the stage code disables its own)."""
+
+    def __init__(self, desc: str) -> None:
+        self.desc, self.bar = desc, None
+
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=self.desc, unit="step")
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
+
+    def on_log(self, args: Any, state: Any, control: Any, logs: dict | None = None, **kwargs: Any) -> None:
+        if self.bar is not None and logs and "loss" in logs:
+            self.bar.set_postfix(loss=f"{logs['loss']:.3f}")
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+# ---- CUT3R stand-in: pointmap regression from rendered metric depth ---------------------------------------------
+def gt_pointmaps(depth: np.ndarray, K: np.ndarray, size: int) -> np.ndarray:
+    """Ground-truth pointmaps at the CUT3R input size.
+
+    depth: (T, H, W) metric z-depth, metres (H = W); K: (3, 3) or (T, 3, 3). The square frame is resized to
+    `size` x `size` by the processor, so the pointmap is back-projected at full resolution and area-averaged to
+    the same grid (a pixel of the small image sees the mean of the rays it covers).
+    Returns (T, size, size, 3) float32, camera frame, metres (NaN where the depth had holes).
+    """
+    depth = np.asarray(depth, dtype=np.float64)
+    if depth.ndim != 3 or depth.shape[1] != depth.shape[2]:
+        raise ValueError(f"depth: expected (T, H, H) square frames, got {depth.shape}")
+    pts = torch.from_numpy(backproject_depth(depth, K)).permute(0, 3, 1, 2)  # (T, 3, H, W)
+    pts = F.adaptive_avg_pool2d(pts, size)  # NaN holes propagate: the loss masks them
+    return pts.permute(0, 2, 3, 1).float().numpy()
+
+
+def pointmap_loss(
+    pts_pred: torch.Tensor, conf: torch.Tensor, pts_gt: torch.Tensor, beta: float = 0.2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """CUT3R's confidence-weighted regression, both pointmaps divided by the ground truth's mean depth.
+
+    pts_pred, pts_gt: (B, T, H, W, 3) camera frame, metres (gt NaN = no depth); conf: (B, T, H, W) >= 1.
+    Returns (loss, mean normalised L2 error over valid pixels, detached).
+    """
+    valid = torch.isfinite(pts_gt).all(-1)
+    gt = torch.nan_to_num(pts_gt)
+    # per frame: the mean z over valid pixels (the scene scale CUT3R normalises by)
+    z_mean = (gt[..., 2] * valid).sum((-1, -2)) / valid.sum((-1, -2)).clamp(min=1)
+    scale = z_mean.clamp(min=1e-3)[..., None, None, None]
+    err = ((pts_pred - gt) / scale).norm(dim=-1)
+    loss = (conf * err - beta * torch.log(conf))[valid].mean()
+    return loss, err[valid].mean().detach()
+
+
+def _cut3r_batches(
+    clips: Sequence[dict], cfg: StandinConfig, processor: VipaProcessor, rng: np.random.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One random batch: (B, T, 3, S, S) CUT3R pixels and (B, T, S, S, 3) ground-truth pointmaps."""
+    pix, pts = [], []
+    for _ in range(cfg.cut3r_batch):
+        clip = clips[int(rng.integers(len(clips)))]
+        n = clip["pixels"].shape[0]
+        start = int(rng.integers(0, max(1, n - cfg.cut3r_frames + 1)))
+        pix.append(clip["pixels"][start : start + cfg.cut3r_frames])
+        pts.append(clip["points"][start : start + cfg.cut3r_frames])
+    return torch.from_numpy(np.stack(pix)), torch.from_numpy(np.stack(pts))
+
+
+def prepare_cut3r_clips(clips: Iterable[Any], processor: VipaProcessor, size: int) -> list[dict]:
+    """Synth `Clip`s (frames, depth, K) -> [{"pixels": (T, 3, S, S), "points": (T, S, S, 3)}]."""
+    out = []
+    for clip in clips:
+        if clip.depth is None:
+            raise ValueError(
+                f"clip {clip.clip_id}: no metric depth; the CUT3R stand-in trains on rendered depth"
+            )
+        frames = [PIL.Image.fromarray(np.asarray(f, dtype=np.uint8)) for f in clip.frames]
+        pixels = np.stack([processor.spatial_frame(f) for f in frames]).astype(np.float32)
+        out.append({"pixels": pixels, "points": gt_pointmaps(clip.depth, clip.K, size)})
+    return out
+
+
+def pretrain_cut3r(
+    encoder: Cut3rEncoder,
+    clips: Sequence[dict],
+    cfg: StandinConfig,
+    processor: VipaProcessor,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Train the CUT3R stand-in in place on `prepare_cut3r_clips` output; returns a summary dict.
+
+    The summary holds the first/last 20-step means of the normalised pointmap error (dimensionless:
+    a fraction of the scene depth) and of the loss, steps, seconds.
+    """
+    from tqdm.auto import tqdm
+
+    if not clips:
+        raise ValueError("clips: no training clips for the CUT3R stand-in")
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    encoder.train()
+    opt = torch.optim.AdamW(encoder.parameters(), lr=cfg.cut3r_lr, weight_decay=0.01)
+    warm = max(1, cfg.cut3r_steps // 30)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt,
+        lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / cfg.cut3r_steps))),
+    )
+    errors, losses = [], []
+    t0 = time.time()
+    bar = tqdm(range(cfg.cut3r_steps), desc="CUT3R stand-in (pointmaps)", unit="step", disable=not progress)
+    for _ in bar:
+        pixels, points = _cut3r_batches(clips, cfg, processor, rng)
+        out = encoder(pixels, return_heads=True)
+        loss, err = pointmap_loss(out.pts3d_self, out.conf, points)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(encoder.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        errors.append(float(err))
+        losses.append(float(loss.detach()))
+        bar.set_postfix(err=f"{np.mean(errors[-20:]):.3f}")
+    encoder.eval()
+    k = min(20, len(errors))
+    return {
+        "steps": cfg.cut3r_steps,
+        "seconds": round(time.time() - t0, 1),
+        "pointmap_error_rel_first": float(np.mean(errors[:k])),
+        "pointmap_error_rel_last": float(np.mean(errors[-k:])),
+        "loss_first": float(np.mean(losses[:k])),
+        "loss_last": float(np.mean(losses[-k:])),
+        "note": "error = |X_pred - X_gt| / mean GT depth per frame, on synth TRAIN clips",
+    }
+
+
+# ---- semantic backbone stand-in ----------------------------------------------------------------------------------
+def disable_spatial_branch(model: VipaForConditionalGeneration) -> None:
+    """Switch the 3D branch off exactly: alpha = 0 and the fusion frozen, so V_f = V_sem (InternVL's path)."""
+    with torch.no_grad():
+        model.model.fusion.alpha.zero_()
+    for p in model.model.fusion.parameters():
+        p.requires_grad_(False)
+
+
+@contextmanager
+def spatial_branch_skipped(model: VipaForConditionalGeneration) -> Iterator[None]:
+    """Inside the block CUT3R is not run: it returns zero tokens of its usual shape.
+
+    Only valid while the branch is off (`alpha == 0`): `V_f = V_sem + 0 * F_spa` is then the same whatever
+    CUT3R returns, and skipping it saves the most expensive part of a backbone step.
+    """
+    fusion, encoder = model.model.fusion, model.model.spatial_encoder
+    if float(fusion.alpha) != 0.0:
+        raise ValueError(
+            f"model: the 3D branch is on (alpha = {float(fusion.alpha)}); CUT3R cannot be skipped"
+        )
+    real_forward = encoder.forward
+
+    def zero_tokens(pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        B, T, _, H, W = pixel_values.shape
+        n = 1 + (H // encoder.config.patch_size) * (W // encoder.config.patch_size)
+        return Cut3rOutput(tokens=pixel_values.new_zeros(B, T, n, encoder.config.hidden_size))
+
+    encoder.forward = zero_tokens
+    try:
+        yield
+    finally:
+        encoder.forward = real_forward
+
+
+BACKBONE_PREFIXES = (
+    "model.vision_tower.",
+    "model.multi_modal_projector.",
+    "model.language_model.",
+    "lm_head.",
+)
+
+
+def pretrain_semantic_backbone(
+    model: VipaForConditionalGeneration,
+    processor: VipaProcessor,
+    train_dataset: Any,
+    output_dir: str | Path,
+    cfg: StandinConfig,
+    seed: int = 0,
+    progress: bool = True,
+) -> Any:
+    """Train InternVL's parts (vision tower, projector, Qwen3) on Hand3D-visual rows with TRL's SFTTrainer.
+
+    The 3D branch is off (`disable_spatial_branch`) and CUT3R frozen: this is the single-encoder model.
+    train_dataset: validated Hand3D-visual train rows (`images`, `messages`). Returns the trainer; the model is
+    trained in place (not saved: the caller saves it with its marker).
+    """
+    from trl import SFTConfig, SFTTrainer
+
+    disable_spatial_branch(model)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith(BACKBONE_PREFIXES))
+    args = SFTConfig(
+        output_dir=str(output_dir),
+        optim="adamw_torch",
+        learning_rate=cfg.backbone_lr,
+        lr_scheduler_type="cosine",
+        warmup_steps=0.03,
+        weight_decay=0.01,
+        per_device_train_batch_size=cfg.backbone_batch,
+        max_steps=cfg.backbone_steps,
+        save_strategy="no",
+        logging_steps=10,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=not torch.cuda.is_available(),
+        assistant_only_loss=True,
+        max_length=None,
+        report_to=[],
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_dataset,
+        processing_class=processor,
+        callbacks=[TqdmCallback("semantic backbone stand-in (single encoder)")] if progress else [],
+    )
+    with spatial_branch_skipped(model):
+        trainer.train()
+    return trainer
