@@ -11,26 +11,14 @@ Nothing here downloads anything; the tokenizer is trained from scratch on a fixe
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import PIL.Image
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from processing_vipa.processing_vipa import VipaProcessor
+from training.pretrain_standins import SPECIAL_TOKENS, build_standin_tokenizer
 
-# Qwen3's chat tokens and InternVL's image tokens, appended after the byte-level vocabulary as in Qwen
-# (so that no special token has id 0 and code that assumes it fails here too).
-TINY_SPECIAL_TOKENS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<img>",
-    "</img>",
-    "<IMG_CONTEXT>",
-    "<video>",
-]
+TINY_SPECIAL_TOKENS = SPECIAL_TOKENS  # Qwen3's chat tokens and InternVL's image tokens
 TINY_TILE_SIZE = 56  # internvl_tiny_config(): image_size 56, patch 14 -> 16 patches
 TINY_IMAGE_SEQ_LENGTH = 4  # 16 patches * downsample_ratio 0.5^2
 TINY_SPATIAL_IMAGE_SIZE = (48, 64)  # (height, width), multiples of CUT3R's patch 16; not square on purpose
@@ -48,39 +36,16 @@ _CORPUS = [
 ]
 
 
-@lru_cache(maxsize=4)
-def _tokenizer_json(vocab_size: int) -> str:
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    tok.train_from_iterator(_CORPUS * 4, trainer)
-    tok.add_special_tokens(TINY_SPECIAL_TOKENS)
-    return tok.to_str()
-
-
 def build_tiny_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     """A fresh byte-level BPE tokenizer (every byte encodable) with `<|endoftext|>` as pad, `<|im_end|>` as
     eos, no BOS (as Qwen3), and InternVL's `<img>`, `</img>`, `<IMG_CONTEXT>`, `<video>` as named extra
     special tokens (`tokenizer.context_image_token` etc., as the InternVL3.5 tokenizer has them).
 
-    `len(tokenizer)` is about `vocab_size` + 7 (fewer merges exist in the small corpus); `save_pretrained` /
+    The main job's stand-in tokenizer trained on the fixed test corpus: `len(tokenizer)` is about
+    `vocab_size` + 7 (fewer merges exist in the small corpus); `save_pretrained` /
     `AutoTokenizer.from_pretrained(folder)` round-trip offline.
     """
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=Tokenizer.from_str(_tokenizer_json(vocab_size)),
-        eos_token="<|im_end|>",
-        pad_token="<|endoftext|>",
-        extra_special_tokens={
-            "start_image_token": "<img>",
-            "end_image_token": "</img>",
-            "context_image_token": "<IMG_CONTEXT>",
-            "video_token": "<video>",
-        },
-    )
-    return tokenizer
+    return build_standin_tokenizer(_CORPUS * 4, vocab_size)
 
 
 def tiny_norm_stats(action_dim: int = 7, state_dim: int = 8, keys: tuple[str, ...] = ("tiny",)) -> dict:
