@@ -138,6 +138,13 @@ def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> Recipe:
     return Recipe(**values)
 
 
+def resolve_recipe(recipe: str | os.PathLike | Recipe, max_steps: int | None = None) -> Recipe:
+    """A shipped name, YAML path or `Recipe`, with `max_steps` (when given) replacing its length."""
+    if not isinstance(recipe, Recipe):
+        return load_recipe(recipe, max_steps=max_steps)  # a None override is ignored
+    return recipe if max_steps is None else dataclasses.replace(recipe, max_steps=max_steps)
+
+
 # ---- data ----------------------------------------------------------------------------------------------------
 def load_hand3d_split(data_dir: str | os.PathLike, config: str, split: str = "train") -> datasets.Dataset:
     """One split of a published Hand3D folder (`load_dataset(dir, "visual" | "action")`), columns checked."""

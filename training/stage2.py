@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from training.common import Recipe, load_recipe, run_stage
+from training.common import Recipe, resolve_recipe, run_stage
 
 STAGE = 2
 
@@ -38,8 +38,12 @@ def train_stage2(
     recipe: a shipped name ("cpu-tiny", "paper"), a YAML path or a `Recipe`; max_steps overrides its length.
     Returns the trainer; `output_dir` ends as a loadable VIPA checkpoint with the motion tokens.
     """
-    if not isinstance(recipe, Recipe):
-        recipe = load_recipe(recipe, max_steps=max_steps)
-    elif max_steps is not None:
-        recipe = Recipe(**{**recipe.__dict__, "max_steps": max_steps})
-    return run_stage(STAGE, recipe, model_dir, data_dir, output_dir, resume=resume, callbacks=callbacks)
+    return run_stage(
+        STAGE,
+        resolve_recipe(recipe, max_steps),
+        model_dir,
+        data_dir,
+        output_dir,
+        resume=resume,
+        callbacks=callbacks,
+    )
