@@ -19,7 +19,7 @@ from transformers import InternVLForConditionalGeneration
 
 import training.build_checkpoint as build_module
 from modeling_vipa.configuration_vipa import internvl_tiny_config
-from tests.tiny_assets import build_tiny_tokenizer, make_image
+from tests.tiny_assets import build_tiny_tokenizer, make_image, run_offline_child
 from training.build_checkpoint import build_checkpoint, build_model
 from training.convert_cut3r import convert_state_dict
 
@@ -29,17 +29,6 @@ HEAD_FIELDS = ("enc_num_heads", "ray_enc_num_heads", "dec_num_heads", "state_dec
 
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    BLOCKED = {"modeling_vipa", "processing_vipa", "hand3d_dataset", "training", "tests"}
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"blocked: {name}")
-            return None
-
-    sys.meta_path.insert(0, Block())
     import numpy as np
     import PIL.Image
     import torch
@@ -99,22 +88,7 @@ def sources(tmp_path_factory) -> dict:
 
 
 def run_child(ckpt: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
-    (tmp_path / "child.py").write_text(CHILD)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "child.py", str(ckpt), "out.safetensors"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = run_offline_child(CHILD, [ckpt, "out.safetensors"], tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return load_file(tmp_path / "out.safetensors")
 

@@ -4,9 +4,6 @@ import this repository's packages, and reproduces the logits and action chunks b
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -15,22 +12,12 @@ from safetensors.torch import load_file, save_file
 
 from modeling_vipa.configuration_vipa import VipaConfig
 from modeling_vipa.modeling_vipa import VipaForActionPrediction, VipaForConditionalGeneration
+from tests.tiny_assets import run_offline_child
 
 IMG = VipaConfig.tiny().image_token_id
 
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    BLOCKED = {"modeling_vipa", "processing_vipa", "hand3d_dataset", "training"}
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"blocked: {name}")
-            return None
-
-    sys.meta_path.insert(0, Block())
     import torch
     from safetensors.torch import load_file, save_file
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
@@ -102,21 +89,8 @@ def test_auto_classes_reload_bit_for_bit_in_a_fresh_process(tmp_path: Path) -> N
 
     tensors = {**{k: v.to(torch.uint8) if v.dtype == torch.bool else v for k, v in inputs.items()}}
     save_file({**tensors, "state": state, "noise": noise}, tmp_path / "inputs.safetensors")
-    (tmp_path / "child.py").write_text(CHILD)
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "child.py", str(lm_dir), str(action_dir), "inputs.safetensors", "out.safetensors"],
-        cwd=tmp_path,  # not the repository root: nothing of the package is importable from there
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    result = run_offline_child(
+        CHILD, [lm_dir, action_dir, "inputs.safetensors", "out.safetensors"], tmp_path, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
     out = load_file(tmp_path / "out.safetensors")

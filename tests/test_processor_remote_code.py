@@ -5,28 +5,14 @@ original processor produced here."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import numpy as np
 
-from tests.tiny_assets import build_tiny_processor, make_image, tiny_norm_stats
+from tests.tiny_assets import build_tiny_processor, make_image, run_offline_child, tiny_norm_stats
 
 CHILD = textwrap.dedent(
     """
-    import importlib.abc, sys
-
-    BLOCKED = {"modeling_vipa", "processing_vipa", "hand3d_dataset", "training"}
-
-    class Block(importlib.abc.MetaPathFinder):
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked: the checkpoint must be self-contained")
-            return None
-
-    sys.meta_path.insert(0, Block())
     try:
         import processing_vipa  # noqa: F401
         raise SystemExit("the import blocker does not work")
@@ -96,22 +82,7 @@ def test_autoprocessor_reload_in_fresh_offline_process(tmp_path):
         images=[frames[:1], frames[1:]], text=text, state=state, unnorm_key="libero", return_tensors="np"
     )
 
-    env = {
-        **os.environ,
-        "HF_HUB_OFFLINE": "1",
-        "TRANSFORMERS_OFFLINE": "1",
-        "HF_HOME": str(tmp_path / "hf_home"),
-        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
-        "PYTHONPATH": "",
-    }
-    result = subprocess.run(
-        [sys.executable, "-c", CHILD, str(ckpt), str(data)],
-        cwd=tmp_path,  # not the repository root, so nothing is importable from the working directory
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = run_offline_child(CHILD, [ckpt, data], tmp_path, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     child = np.load(data / "child.npz")
     for key in (

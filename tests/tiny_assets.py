@@ -120,3 +120,48 @@ def build_tiny_model(processor: VipaProcessor, *, seed: int = 0, model_class=Non
     if processor.has_motion_tokens:
         add_motion_tokens(model, processor)
     return model
+
+
+# Prepended to a child script: the repository's own packages cannot be imported, so a checkpoint must
+# load from its own remote-code files alone.
+BLOCK_PACKAGE_IMPORTS = """\
+import importlib.abc, sys
+
+BLOCKED = {"modeling_vipa", "processing_vipa", "hand3d_dataset", "training", "tests"}
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{name} is blocked: the checkpoint must be self-contained")
+        return None
+
+sys.meta_path.insert(0, Block())
+"""
+
+
+def run_offline_child(script: str, args: list[str], tmp_path, timeout: int = 300):
+    """Runs `BLOCK_PACKAGE_IMPORTS + script` in a fresh offline Python process in `tmp_path` (not the repository
+    root), with its own empty HF cache and remote-code module folder. Returns the CompletedProcess."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tmp_path = Path(tmp_path)
+    (tmp_path / "child.py").write_text(BLOCK_PACKAGE_IMPORTS + script)
+    env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_HOME": str(tmp_path / "hf_home"),
+        "HF_MODULES_CACHE": str(tmp_path / "hf_modules"),
+        "PYTHONPATH": "",
+    }
+    return subprocess.run(
+        [sys.executable, "child.py", *map(str, args)],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
