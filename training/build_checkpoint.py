@@ -36,7 +36,12 @@ from transformers.utils import logging as hf_logging
 from modeling_vipa.configuration_vipa import VipaConfig, VipaFusionConfig
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration, add_motion_tokens
 from processing_vipa.processing_vipa import INTERNVL_IMAGE_MEAN, INTERNVL_IMAGE_STD, VipaProcessor
-from training.convert_cut3r import convert_state_dict, load_official_checkpoint
+from training.convert_cut3r import (
+    add_head_arguments,
+    convert_state_dict,
+    head_counts,
+    load_official_checkpoint,
+)
 
 # InternVL checkpoint key prefix -> VIPA key prefix. transformers saves InternVL in its legacy layout
 # (`language_model.model.*`, `vision_tower.*`); the in-memory layout (`model.language_model.*`) is accepted too.
@@ -253,10 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     # head counts are invisible in tensor shapes; the defaults are the official checkpoint's
-    parser.add_argument("--enc-num-heads", type=int, default=16)
-    parser.add_argument("--ray-enc-num-heads", type=int, default=16)
-    parser.add_argument("--dec-num-heads", type=int, default=12)
-    parser.add_argument("--state-dec-num-heads", type=int, default=16)
+    add_head_arguments(parser)
     args = parser.parse_args(argv)
     try:
         model, processor = build_checkpoint(
@@ -266,10 +268,7 @@ def main(argv: list[str] | None = None) -> int:
             motion_tokens=args.motion_tokens,
             spatial_image_size=tuple(args.spatial_size),
             dtype=getattr(torch, args.dtype),
-            enc_num_heads=args.enc_num_heads,
-            ray_enc_num_heads=args.ray_enc_num_heads,
-            dec_num_heads=args.dec_num_heads,
-            state_dec_num_heads=args.state_dec_num_heads,
+            **head_counts(args),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -261,23 +261,37 @@ def convert_checkpoint(src: str | Path, dst: str | Path, **heads: int) -> Path:
     return dst
 
 
+# Attention head counts of the official cut3r_512_dpt_4_64: not recoverable from tensor shapes, so CLIs take them.
+OFFICIAL_HEAD_COUNTS = {
+    "enc_num_heads": 16,
+    "ray_enc_num_heads": 16,
+    "dec_num_heads": 12,
+    "state_dec_num_heads": 16,
+}
+
+
+def add_head_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds `--enc-num-heads` … `--state-dec-num-heads` (defaults: the official checkpoint's)."""
+    for name, default in OFFICIAL_HEAD_COUNTS.items():
+        parser.add_argument("--" + name.replace("_", "-"), type=int, default=default)
+
+
+def head_counts(args: argparse.Namespace) -> dict[str, int]:
+    """The head counts parsed by `add_head_arguments`, as keyword arguments of the converter."""
+    return {name: getattr(args, name) for name in OFFICIAL_HEAD_COUNTS}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("src", help="official checkpoint, e.g. cut3r_512_dpt_4_64.pth")
     parser.add_argument("dst", help="output folder (model.safetensors + config.json)")
-    parser.add_argument("--enc-num-heads", type=int, default=16)
-    parser.add_argument("--ray-enc-num-heads", type=int, default=16)
-    parser.add_argument("--dec-num-heads", type=int, default=12)
-    parser.add_argument("--state-dec-num-heads", type=int, default=16)
+    add_head_arguments(parser)
     args = parser.parse_args(argv)
     try:
         dst = convert_checkpoint(
             args.src,
             args.dst,
-            enc_num_heads=args.enc_num_heads,
-            ray_enc_num_heads=args.ray_enc_num_heads,
-            dec_num_heads=args.dec_num_heads,
-            state_dec_num_heads=args.state_dec_num_heads,
+            **head_counts(args),
         )
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
