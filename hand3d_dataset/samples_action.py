@@ -176,7 +176,7 @@ def build_action_samples(
                     traj,
                     list(range(s, end)),
                     question,
-                    tok.encode(traj).text,
+                    None,  # answer: the trajectory's motion tokens
                     {},
                 )
             )
@@ -201,7 +201,7 @@ def build_action_samples(
                     future,
                     list(range(s + 1, end)),
                     question,
-                    tok.encode(future).text,
+                    None,  # answer: the future's motion tokens
                     {},
                 )
             )
@@ -252,11 +252,15 @@ def _make_sample(
     traj: np.ndarray,
     frames: list[int],
     question: str,
-    answer: str,
+    answer: str | None,
     extra: dict,
 ) -> Sample:
-    """A Hand3D-action sample showing frame s (when the clip has images) with trajectory traj (T, 3)."""
+    """A Hand3D-action sample showing frame s (when the clip has images) with trajectory traj (T, 3).
+
+    answer: None for the motion-token tasks, whose answer is `traj` as motion tokens (encoded once, here).
+    """
     enc = tok.encode(traj)
+    answer = enc.text if answer is None else answer
     d = describe_displacement(traj[-1] - traj[0], gamma=cfg.gamma)
     target = {
         **empty_target(),
