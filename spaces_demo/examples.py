@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -112,23 +111,20 @@ def export_examples(dataset_dir: str | Path, out_dir: str | Path, n: int = 4, se
     picked one task type at a time, round robin, so that every category shows up. Action rows without an
     image, and motion-translation rows (their answer is text), are skipped. Returns the JSON entries written.
     """
-    from datasets import load_dataset  # export-time only: the Space itself never needs `datasets`
+    from hand3d_dataset.loading import load_hand3d  # export-time only: the Space never needs `datasets`
 
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries: list[dict] = []
-    # A private cache: `datasets` can hand back another build's cached Arrow for a folder of the same name
-    # (seen offline with two different `hand3d` folders), and examples must come from this one.
-    with tempfile.TemporaryDirectory(prefix="hand3d-export-") as cache:
-        for kind in ("visual", "action"):
-            try:
-                ds = load_dataset(str(dataset_dir), kind, split="test", cache_dir=cache)
-            except (ValueError, FileNotFoundError) as e:
-                logger.warning("no %s test split in %s (%s); skipped", kind, dataset_dir, e)
-                continue
-            entries += _export_split(ds, kind, out, n, seed, first_index=len(entries))
+    for kind in ("visual", "action"):
+        try:
+            ds = load_hand3d(dataset_dir, kind, split="test")  # content-keyed cache: this build's rows
+        except (ValueError, FileNotFoundError) as e:
+            logger.warning("no %s test split in %s (%s); skipped", kind, dataset_dir, e)
+            continue
+        entries += _export_split(ds, kind, out, n, seed, first_index=len(entries))
     (out / EXAMPLES_FILE).write_text(json.dumps(entries, indent=1), encoding="utf-8")
     return entries
 

@@ -114,21 +114,6 @@ class _Phases:
         _write_json(self.times, self.path)
 
 
-def _isolate_datasets_cache(cache: Path) -> None:
-    """Give this run its own `datasets` cache.
-
-    `load_dataset(folder, config)` caches a local parquet folder under the folder's NAME and a hash of its
-    `data_files` patterns, which are the same for every Hand3D build: two different folders called `hand3d`
-    (this run's and a test's) share one cache entry, and the second one silently reads the first one's rows.
-    """
-    cache.mkdir(parents=True, exist_ok=True)
-    os.environ["HF_DATASETS_CACHE"] = str(cache.resolve())
-    if "datasets" in sys.modules:  # already imported (e.g. by a caller): its config was read at import
-        import datasets.config
-
-        datasets.config.HF_DATASETS_CACHE = cache.resolve()
-
-
 # ---- phases ----------------------------------------------------------------------------------------------------
 def _build_dataset(cfg: MainJobConfig, data_dir: Path) -> None:
     from hand3d_dataset.build import BuildConfig, build
@@ -379,7 +364,6 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     torch.set_num_threads(2)  # the embedded default: a 2-core machine
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    _isolate_datasets_cache(out / ".cache" / "datasets")
     scfg = StandinConfig.quick() if cfg.quick else StandinConfig()
     if cfg.standins:
         scfg = StandinConfig(**{**asdict(scfg), **cfg.standins})
@@ -402,10 +386,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     )
     with phases.run("1 build synth Hand3D", done) as todo:
         if todo:
-            _build_dataset(cfg, data)
-            # a rebuilt folder must not be read through a cache of its previous content
-            shutil.rmtree(out / ".cache" / "datasets", ignore_errors=True)
-            _isolate_datasets_cache(out / ".cache" / "datasets")
+            _build_dataset(cfg, data)  # read back through load_hand3d: its cache is keyed by content
     with phases.run("2 tokenizer + stand-in init", init.is_dir()) as todo:
         if todo:
             with _atomic_dir(init) as tmp:
