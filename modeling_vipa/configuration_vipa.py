@@ -46,6 +46,10 @@ class VipaFusionConfig(PreTrainedConfig):
     reaches the projector unchanged (its own LayerNorm expects InternViT's raw statistics), and the branch is
     scale-normalised so `alpha` alone sets its weight. `"output"` is the literal reading
     `V_f = LayerNorm(Dropout(V_sem + alpha * F_spa))`, kept for ablations.
+    `qk_position = "sincos2d"` adds a fixed 2D sine-cosine code of each patch's position in the image (both
+    grids mapped to [0, 1]^2) to every head's queries and keys, so a semantic patch can find the spatial
+    patch that sees the same place: CUT3R's tokens carry position only through RoPE inside its attention,
+    so their content hardly says where they are. The pose token gets no position code.
     The token widths d_v and d_s are read from the vision and CUT3R configs, not repeated here.
     """
 
@@ -58,6 +62,9 @@ class VipaFusionConfig(PreTrainedConfig):
     alpha_init: float = 0.5  # initial value of the learnable residual scale alpha (paper §4.1)
     norm_position: str = "branch"  # "branch": LayerNorm on F_spa; "output": on V_sem + alpha F_spa
     layer_norm_eps: float = 1e-6  # epsilon of that LayerNorm
+    qk_position: str = (
+        "none"  # "sincos2d": add the patch's image position to queries and keys; "none": plain MHA
+    )
 
     def __post_init__(self, **kwargs: Any) -> None:
         _require(self.num_heads > 0, "num_heads", "> 0", self.num_heads)
@@ -78,6 +85,17 @@ class VipaFusionConfig(PreTrainedConfig):
             self.norm_position,
         )
         _require(self.layer_norm_eps > 0, "layer_norm_eps", "> 0", self.layer_norm_eps)
+        _require(
+            self.qk_position in ("none", "sincos2d"), "qk_position", "'none' or 'sincos2d'", self.qk_position
+        )
+        if self.qk_position == "sincos2d":
+            head_dim = self.attention_dim // self.num_heads
+            _require(
+                head_dim % 4 == 0,
+                "attention_dim",
+                "num_heads x a multiple of 4 (sincos2d)",
+                self.attention_dim,
+            )
         super().__post_init__(**kwargs)
 
     @classmethod

@@ -17,11 +17,46 @@ Usage:
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .configuration_vipa import VipaFusionConfig
+
+
+def grid_centres(rows: int, cols: int) -> torch.Tensor:
+    """(rows * cols, 2) patch centres (x, y) in [0, 1]^2 image coordinates, row-major like ViT tokens."""
+    ys = (torch.arange(rows, dtype=torch.float64) + 0.5) / rows
+    xs = (torch.arange(cols, dtype=torch.float64) + 0.5) / cols
+    y, x = torch.meshgrid(ys, xs, indexing="ij")
+    return torch.stack([x.reshape(-1), y.reshape(-1)], dim=-1)
+
+
+def sincos_2d(xy: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 2D code: xy (N, 2) in [0, 1] -> (N, dim): per axis sin then cos of the n = dim / 4 frequencies
+    pi, 2 pi, ..., n pi.
+
+    The dot product of two codes is D(dx) + D(dy) with D(d) = sum_k cos(k pi d), a Dirichlet kernel: n at the
+    same place, a main lobe about 2 / (2n + 1) wide, no second peak on [0, 1] (no aliasing).
+    """
+    if dim % 4:
+        raise ValueError(f"dim: sincos_2d needs a multiple of 4, got {dim}")
+    n = dim // 4
+    freqs = math.pi * torch.arange(1, n + 1, dtype=torch.float64)
+    angles = xy[:, :, None].double() * freqs  # (N, 2, n)
+    return torch.cat([angles.sin(), angles.cos()], dim=-1).reshape(xy.shape[0], dim)
+
+
+def infer_spatial_grid(n_patches: int, aspect: float = 0.75) -> tuple[int, int]:
+    """(rows, cols) of a patch grid from its size: square when it is a square, else the factorisation with
+    rows / cols closest to `aspect` (CUT3R's landscape 384 x 512 input)."""
+    side = math.isqrt(n_patches)
+    if side * side == n_patches:
+        return side, side
+    pairs = [(r, n_patches // r) for r in range(1, n_patches + 1) if n_patches % r == 0]
+    return min(pairs, key=lambda rc: abs(rc[0] / rc[1] - aspect))
 
 
 class VipaFusion(nn.Module):
@@ -48,23 +83,41 @@ class VipaFusion(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.norm = nn.LayerNorm(vision_dim, eps=config.layer_norm_eps)
 
-    def cross_attention(self, V_sem: torch.Tensor, V_spa: torch.Tensor) -> torch.Tensor:
+    def cross_attention(
+        self, V_sem: torch.Tensor, V_spa: torch.Tensor, spatial_grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """F_spa: (frames, N_v, d_v) from V_sem (frames, N_v, d_v) attending to V_spa (frames, N_s, d_s)."""
         frames, n_v, _ = V_sem.shape
         n_s = V_spa.shape[1]
         head_dim = self.config.attention_dim // self.num_heads
         q = self.q_proj(V_sem).view(frames, n_v, self.num_heads, head_dim).transpose(1, 2)
         k, v = self.kv_proj(V_spa).view(frames, n_s, 2, self.num_heads, head_dim).permute(2, 0, 3, 1, 4)
+        if self.config.qk_position == "sincos2d":
+            side = math.isqrt(n_v)
+            if side * side != n_v:
+                raise ValueError(f"V_sem: sincos2d needs a square patch grid, got {n_v} tokens")
+            h, w = spatial_grid if spatial_grid is not None else infer_spatial_grid(n_s - 1)
+            if h * w != n_s - 1:
+                raise ValueError(f"spatial_grid {h}x{w} does not match V_spa's {n_s - 1} patch tokens")
+            q = q + sincos_2d(grid_centres(side, side), head_dim).to(q)
+            pos_s = torch.cat(
+                [torch.zeros(1, head_dim, dtype=torch.float64), sincos_2d(grid_centres(h, w), head_dim)]
+            )
+            k = k + pos_s.to(k)  # pose token (index 0): no position
         drop = self.config.attention_dropout if self.training else 0.0
         attended = F.scaled_dot_product_attention(q, k, v, dropout_p=drop)
         return self.out_proj(attended.transpose(1, 2).reshape(frames, n_v, self.config.attention_dim))
 
-    def forward(self, V_sem: torch.Tensor, V_spa: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, V_sem: torch.Tensor, V_spa: torch.Tensor, spatial_grid: tuple[int, int] | None = None
+    ) -> torch.Tensor:
         """Fuse the tokens of each frame.
 
         Args:
             V_sem: (frames, N_v, d_v) InternViT tokens (patch tokens, CLS dropped) of each frame.
             V_spa: (frames, N_s, d_s) CUT3R last-decoder tokens (pose token + patches) of the same frames.
+            spatial_grid: (rows, cols) of V_spa's patch tokens; only read by `qk_position="sincos2d"`
+                (default: `infer_spatial_grid(N_s - 1)`).
 
         Returns:
             V_f: (frames, N_v, d_v), same dtype as V_sem.
@@ -78,7 +131,9 @@ class VipaFusion(nn.Module):
                 f"V_sem and V_spa must hold the same frames, got {V_sem.shape[0]} and {V_spa.shape[0]} frames"
             )
         dtype = V_sem.dtype
-        F_spa = self.cross_attention(V_sem.to(self.q_proj.weight.dtype), V_spa.to(self.kv_proj.weight.dtype))
+        F_spa = self.cross_attention(
+            V_sem.to(self.q_proj.weight.dtype), V_spa.to(self.kv_proj.weight.dtype), spatial_grid
+        )
         if self.config.norm_position == "branch":
             V_f = V_sem + self.alpha * self.dropout(self.norm(F_spa))
         else:

@@ -301,7 +301,14 @@ class VipaModel(VipaPreTrainedModel):
                     spatial_pixel_values.to(self.spatial_encoder.dtype), frame_mask=mask, return_heads=False
                 ).tokens
             V_spa = tokens[mask]  # (F, 1 + N_s, d_s): pose token + patch tokens, same frame order as V_sem
-            V_sem = self.fusion(V_sem, V_spa)
+            patch = self.config.spatial_config.patch_size
+            spatial_grid = None  # precomputed tokens: the fusion infers the grid from their count
+            if spatial_tokens is None:
+                spatial_grid = (
+                    spatial_pixel_values.shape[-2] // patch,
+                    spatial_pixel_values.shape[-1] // patch,
+                )
+            V_sem = self.fusion(V_sem, V_spa, spatial_grid=spatial_grid)
         frames, n_v, d_v = V_sem.shape
         side = int(round(n_v**0.5))
         grid = V_sem.reshape(frames, side, side, d_v)

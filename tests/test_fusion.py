@@ -106,3 +106,66 @@ def test_bad_shapes_raise() -> None:
         fusion(torch.randn(2, 4, 24), torch.randn(3, 5, 40))
     with pytest.raises(ValueError, match="V_sem"):
         fusion(torch.randn(4, 24), torch.randn(2, 5, 40))
+
+
+def _numpy_sincos(xy: np.ndarray, dim: int) -> np.ndarray:
+    """The documented code written out by hand: per axis sin then cos of n = dim/4 frequencies pi, 2 pi, ..."""
+    n = dim // 4
+    freqs = np.pi * np.arange(1, n + 1)
+    out = []
+    for x, y in xy:
+        out.append(
+            np.concatenate([np.sin(x * freqs), np.cos(x * freqs), np.sin(y * freqs), np.cos(y * freqs)])
+        )
+    return np.array(out)
+
+
+def test_sincos2d_positions_match_a_hand_computation_and_pair_the_same_place() -> None:
+    """qk_position="sincos2d": q + pos(V_sem patch), k + pos(V_spa patch) (pose token: none), checked in NumPy;
+    with the content projections zeroed, each semantic patch attends most to the spatial patch over it."""
+    torch.manual_seed(0)
+    cfg = VipaFusionConfig.tiny(qk_position="sincos2d", attention_dim=32, num_heads=2)
+    fusion = VipaFusion(cfg, vision_dim=24, spatial_dim=40).double().eval()
+    V_sem, V_spa = torch.randn(2, 16, 24, dtype=torch.float64), torch.randn(2, 1 + 6, 40, dtype=torch.float64)
+    # semantic grid 4x4, spatial grid 2 rows x 3 cols: centres at ((c + 0.5) / cols, (r + 0.5) / rows)
+    sem_xy = np.array([((c + 0.5) / 4, (r + 0.5) / 4) for r in range(4) for c in range(4)])
+    spa_xy = np.array([((c + 0.5) / 3, (r + 0.5) / 2) for r in range(2) for c in range(3)])
+    hd = 16
+    pos_q, pos_k = _numpy_sincos(sem_xy, hd), np.vstack([np.zeros((1, hd)), _numpy_sincos(spa_xy, hd)])
+    p = {k: v.detach().numpy() for k, v in fusion.state_dict().items()}
+    q = V_sem.numpy() @ p["q_proj.weight"].T + p["q_proj.bias"]
+    kv = V_spa.numpy() @ p["kv_proj.weight"].T + p["kv_proj.bias"]
+    k, v = kv[..., :32], kv[..., 32:]
+    out = np.zeros_like(q)
+    for h in range(2):
+        sl = slice(h * hd, (h + 1) * hd)
+        logits = (q[..., sl] + pos_q) @ np.swapaxes(k[..., sl] + pos_k, -1, -2) / np.sqrt(hd)
+        w = np.exp(logits - logits.max(-1, keepdims=True))
+        out[..., sl] = (w / w.sum(-1, keepdims=True)) @ v[..., sl]
+    want = out @ p["out_proj.weight"].T + p["out_proj.bias"]
+    with torch.no_grad():
+        got = fusion.cross_attention(V_sem, V_spa, spatial_grid=(2, 3)).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9)
+
+    with torch.no_grad():  # position only: the attention argmax is the spatial patch nearest in the image
+        for lin in (fusion.q_proj, fusion.kv_proj):
+            lin.weight.zero_()
+            lin.bias.zero_()
+        q = torch.zeros(1, 2, 16, hd, dtype=torch.float64) + torch.from_numpy(pos_q)
+        k = torch.zeros(1, 2, 7, hd, dtype=torch.float64) + torch.from_numpy(pos_k)
+    nearest = np.argmin(((sem_xy[:, None] - spa_xy[None]) ** 2).sum(-1), axis=1) + 1
+    assert ((q @ k.transpose(-1, -2))[0, 0].argmax(-1).numpy() == nearest).all()
+
+
+def test_sincos2d_grid_errors_and_inference() -> None:
+    from modeling_vipa.fusion import infer_spatial_grid
+
+    assert infer_spatial_grid(16) == (4, 4)
+    assert infer_spatial_grid(24 * 32) == (24, 32)  # CUT3R 384 x 512 at patch 16
+    fusion = VipaFusion(VipaFusionConfig.tiny(qk_position="sincos2d"), vision_dim=24, spatial_dim=40)
+    with pytest.raises(ValueError, match="spatial_grid 2x2 does not match"):
+        fusion(torch.randn(1, 16, 24), torch.randn(1, 1 + 6, 40), spatial_grid=(2, 2))
+    with pytest.raises(ValueError, match="square patch grid"):
+        fusion(torch.randn(1, 15, 24), torch.randn(1, 1 + 6, 40))
+    with pytest.raises(ValueError, match="qk_position"):
+        VipaFusionConfig.tiny(qk_position="rope")
