@@ -407,3 +407,24 @@ def test_cli_reports_bad_arguments_before_training(tmp_path, tiny_checkpoint) ->
                  "--output", str(tmp_path / "o")]) == 2  # fmt: skip
     assert main(["stage2", "--recipe", "nope", "--model", str(tiny_checkpoint), "--data", str(tmp_path),
                  "--output", str(tmp_path / "o")]) == 2  # fmt: skip
+
+
+def test_stage1_with_the_spatial_cache_trains_the_same_weights(tmp_path, tiny_checkpoint, hand3d) -> None:
+    """recipe.spatial_cache: CUT3R's tokens come from disk after the first epoch; the weights match a run that
+    runs CUT3R every step (an independent path through the encoder)."""
+    base = {**TINY, "max_steps": 4, "global_batch_size": 4, "per_device_batch_size": 4}
+    plain = train_stage1(tiny_checkpoint, hand3d, tmp_path / "plain", recipe=Recipe(**base))
+    cached = train_stage1(
+        tiny_checkpoint, hand3d, tmp_path / "cached", recipe=Recipe(**base, spatial_cache=True)
+    )
+    cache = type(cached).spatial_cache
+    # 8 rows, 4 per step, 4 steps: every row is computed once (epoch 1) and read back once (epoch 2)
+    assert (cache.misses, cache.hits) == (8, 8)
+    assert len(list((tmp_path / "cached" / "spatial_cache").rglob("*.safetensors"))) == 8
+    assert not hasattr(type(plain), "spatial_cache")
+    want, got = _weights(tmp_path / "plain"), _weights(tmp_path / "cached")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-6, msg=name)
+    assert any(
+        not torch.equal(want[n], _weights(tiny_checkpoint)[n]) for n in want if n.startswith("model.fusion.")
+    )

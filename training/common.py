@@ -83,6 +83,9 @@ class Recipe:
     seed: int = 42  # model-independent randomness: data order, dropout
     dataloader_num_workers: int = 0  # worker processes decoding images
     max_skip_fraction: float = 0.01  # abort at start-up if validation skips more of the data than this
+    spatial_cache: bool = (
+        False  # read frozen CUT3R's tokens from OUTPUT/spatial_cache (computed once per clip)
+    )
 
     def __post_init__(self) -> None:
         positive = ("global_batch_size", "per_device_batch_size", "max_length", "save_steps", "logging_steps")
@@ -408,7 +411,14 @@ def build_trainer(
         report_to=[],
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(
+    trainer_cls = SFTTrainer
+    if recipe.spatial_cache:  # CUT3R is frozen in stages 1 and 2: its tokens never change during a run
+        from training.spatial_cache import SpatialTokenCache
+
+        trainer_cls = _with_spatial_cache(
+            SFTTrainer, SpatialTokenCache(output_dir / "spatial_cache", model.model.spatial_encoder.eval())
+        )
+    trainer = trainer_cls(
         model=model,
         args=args,
         train_dataset=dataset,
@@ -418,6 +428,23 @@ def build_trainer(
     assert_trainable(trainer.model, expected, stage)
     trainer.vipa_data_report = report
     return trainer
+
+
+def _with_spatial_cache(trainer_cls: type, cache: Any) -> type:
+    """`trainer_cls` whose loss reads V_spa from `cache` (a `SpatialTokenCache`) instead of running CUT3R:
+    each batch's `spatial_pixel_values` become `spatial_tokens` before the model sees them."""
+
+    class CachedSpatialTrainer(trainer_cls):
+        spatial_cache = cache
+
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            if inputs.get("spatial_pixel_values") is not None:
+                inputs = dict(inputs)
+                pixels = inputs.pop("spatial_pixel_values")
+                inputs["spatial_tokens"] = cache.get_or_compute(pixels, inputs["spatial_frame_mask"])
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    return CachedSpatialTrainer
 
 
 def run_stage(
