@@ -139,6 +139,7 @@ def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> 
         STANDIN_NOTE,
         build_standin_processor,
         build_standin_tokenizer,
+        init_standin_vision_positions,
         standin_vipa_config,
     )
 
@@ -148,6 +149,7 @@ def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> 
     processor = build_standin_processor(scfg, tokenizer)
     torch.manual_seed(cfg.seed)
     model = VipaForConditionalGeneration(standin_vipa_config(scfg, tokenizer))
+    init_standin_vision_positions(model)  # zero (transformers' init) leaves the tiny ViT blind to position
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
     _write_json({"stand_in": True, "note": STANDIN_NOTE, "trained": False}, out / "standin_info.json")

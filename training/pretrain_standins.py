@@ -58,6 +58,7 @@ __all__ = [
     "build_standin_tokenizer",
     "build_standin_processor",
     "standin_vipa_config",
+    "init_standin_vision_positions",
     "TqdmCallback",
     "pointmap_loss",
     "gt_pointmaps",
@@ -252,6 +253,29 @@ class TqdmCallback(TrainerCallback):
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+def init_standin_vision_positions(model: VipaForConditionalGeneration) -> None:
+    """Give the InternViT stand-in informative position embeddings: a fixed 2D sine-cosine code per patch.
+
+    transformers initialises InternViT's learned position embeddings to zero (right for loading a pretrained
+    checkpoint, whose embeddings are trained). Trained from zero, a tiny stand-in stays blind to WHERE a patch
+    is for far longer than the CPU budget: on a toy "is the coloured square left or right, up or down" task it
+    was still at chance after 400 steps, while with this code it reached 97.5 % after 2000. The code is what a
+    pretrained ViT would bring (MAE-style fixed embeddings); it stays trainable. CLS gets none.
+    """
+    from modeling_vipa.fusion import grid_centres, sincos_2d
+
+    pos = model.model.vision_tower.embeddings.position_embeddings
+    if pos is None:
+        raise ValueError("model: the vision tower has no absolute position embeddings to initialise")
+    n = pos.shape[1] - 1
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"model: expected a square patch grid, got {n} position embeddings after CLS")
+    with torch.no_grad():
+        pos[0, 0].zero_()
+        pos[0, 1:] = sincos_2d(grid_centres(side, side), pos.shape[-1]).to(pos.dtype)
 
 
 # ---- CUT3R stand-in: pointmap regression from rendered metric depth ---------------------------------------------
