@@ -62,9 +62,7 @@ class VipaFusionConfig(PreTrainedConfig):
     alpha_init: float = 0.5  # initial value of the learnable residual scale alpha (paper §4.1)
     norm_position: str = "branch"  # "branch": LayerNorm on F_spa; "output": on V_sem + alpha F_spa
     layer_norm_eps: float = 1e-6  # epsilon of that LayerNorm
-    qk_position: str = (
-        "none"  # "sincos2d": add the patch's image position to queries and keys; "none": plain MHA
-    )
+    qk_position: str = "none"  # "sincos2d": image-position code on queries and keys; "none": plain MHA
 
     def __post_init__(self, **kwargs: Any) -> None:
         _require(self.num_heads > 0, "num_heads", "> 0", self.num_heads)
