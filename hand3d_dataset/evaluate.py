@@ -118,25 +118,11 @@ def load_rows(
 
     Raises `ValueError` naming the folder, config and split when they are missing.
     """
-    import datasets
-
     from hand3d_dataset.loading import load_hand3d
 
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
-    if not Path(dataset_dir).is_dir():
-        raise ValueError(f"dataset_dir: no folder at {str(dataset_dir)!r} (build one with `hand3d build`)")
-    try:
-        ds = load_hand3d(dataset_dir, config, split=split)  # content-keyed cache, not name-keyed
-    except (ValueError, FileNotFoundError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise ValueError(
-            f"dataset_dir: cannot load config {config!r} split {split!r} from {str(dataset_dir)!r}: {e}"
-        ) from e
-    missing = [c for c in REQUIRED_COLUMNS[config] if c not in ds.column_names]
-    if missing:
-        raise ValueError(
-            f"dataset_dir: Hand3D-{config} {split!r} lacks columns {missing}; has {ds.column_names}"
-        )
+    ds = load_hand3d(dataset_dir, config, split=split, required_columns=REQUIRED_COLUMNS[config])
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if len(ds) == 0:

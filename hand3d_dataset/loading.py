@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import datasets
@@ -40,11 +41,38 @@ def hand3d_cache_dir(folder: str | os.PathLike, config: str) -> Path:
     return Path(datasets.config.HF_DATASETS_CACHE) / "hand3d-local" / config / h.hexdigest()[:20]
 
 
-def load_hand3d(folder: str | os.PathLike, config: str, split: str | None = None):
-    """`load_dataset(folder, config, split=split)` with a content-keyed cache (see the module docstring)."""
+def load_hand3d(
+    folder: str | os.PathLike,
+    config: str,
+    split: str | None = None,
+    required_columns: Sequence[str] = (),
+):
+    """`load_dataset(folder, config, split=split)` with a content-keyed cache (see the module docstring).
+
+    required_columns: columns the caller reads; a split without them is refused up front, naming the missing
+    ones, instead of failing later deep inside training or evaluation.
+    Every failure (no folder, no data files, no such config or split, missing columns) is a `ValueError`
+    naming the folder, config and split.
+    """
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
     if not Path(folder).is_dir():
         raise ValueError(f"folder: no dataset folder at {str(folder)!r} (build one with `hand3d build`)")
     cache = hand3d_cache_dir(folder, config)
-    return datasets.load_dataset(str(folder), config, split=split, cache_dir=str(cache))
+    try:
+        ds = datasets.load_dataset(str(folder), config, split=split, cache_dir=str(cache))
+    except (ValueError, FileNotFoundError, KeyError, datasets.exceptions.DatasetNotFoundError) as e:
+        raise ValueError(
+            f"folder: cannot load config {config!r} split {split!r} from {str(folder)!r} "
+            f"(expected parquet shards and a README with `configs:`, as `hand3d build` writes): {e}"
+        ) from e
+    if required_columns:
+        parts = ds.values() if isinstance(ds, datasets.DatasetDict) else [ds]
+        for part in parts:
+            missing = [c for c in required_columns if c not in part.column_names]
+            if missing:
+                raise ValueError(
+                    f"folder: Hand3D-{config} split {split!r} in {str(folder)!r} lacks columns {missing}; "
+                    f"it has {part.column_names}"
+                )
+    return ds

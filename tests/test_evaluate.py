@@ -222,7 +222,7 @@ def test_bad_input_is_a_clear_error(tmp_path, hand3d, capsys) -> None:
         load_rows(hand3d, "visual", "validation")
     with pytest.raises(ValueError, match="config"):
         load_rows(hand3d, "depth", "test")
-    with pytest.raises(ValueError, match="no folder"):
+    with pytest.raises(ValueError, match="no dataset folder"):
         load_rows(tmp_path / "missing", "visual", "test")
     with pytest.raises(ValueError, match="no motion tokens"):
         evaluate_model(model, processor, hand3d, config="action", progress=False)

@@ -61,3 +61,15 @@ def test_bad_arguments_name_what_was_wrong(tmp_path):
         load_hand3d(tmp_path / "missing", "visual")
     with pytest.raises(ValueError, match="no data files"):
         load_hand3d(tmp_path, "visual")
+
+
+def test_required_columns_are_checked_up_front(tmp_path):
+    out = tmp_path / "h"
+    _build(out, seed=1, num_clips=3)
+    ok = load_hand3d(out, "visual", split="train", required_columns=("images", "messages"))
+    assert {"images", "messages"} <= set(ok.column_names)
+    for split in ("train", None):  # one Dataset, or a DatasetDict checked split by split
+        with pytest.raises(ValueError, match=r"lacks columns \['no_such_column'\]"):
+            load_hand3d(out, "visual", split=split, required_columns=("messages", "no_such_column"))
+    with pytest.raises(ValueError, match="cannot load config 'visual' split 'validation'"):
+        load_hand3d(out, "visual", split="validation")

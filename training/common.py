@@ -153,22 +153,7 @@ def load_hand3d_split(data_dir: str | os.PathLike, config: str, split: str = "tr
     """One split of a published Hand3D folder (`load_dataset(dir, "visual" | "action")`), columns checked."""
     if config not in REQUIRED_COLUMNS:
         raise ValueError(f"config: expected one of {sorted(REQUIRED_COLUMNS)}, got {config!r}")
-    if not Path(data_dir).is_dir():
-        raise ValueError(f"data_dir: no dataset folder at {str(data_dir)!r} (build one with `hand3d build`)")
-    try:
-        dataset = load_hand3d(data_dir, config, split=split)  # content-keyed cache, not name-keyed
-    except (ValueError, FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as e:
-        raise ValueError(
-            f"data_dir: cannot load config {config!r} split {split!r} from {str(data_dir)!r} "
-            f"(expected parquet shards and a README with `configs:`): {e}"
-        ) from e
-    missing = [c for c in REQUIRED_COLUMNS[config] if c not in dataset.column_names]
-    if missing:
-        raise ValueError(
-            f"data_dir: Hand3D-{config} split {split!r} in {str(data_dir)!r} lacks columns {missing}; "
-            f"it has {dataset.column_names}"
-        )
-    return dataset
+    return load_hand3d(data_dir, config, split=split, required_columns=REQUIRED_COLUMNS[config])
 
 
 def _check_row(row: dict[str, Any], processor: VipaProcessor, max_length: int) -> str | None:
