@@ -523,14 +523,21 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
         spatial_pixel_values: torch.Tensor | None = None,
         spatial_frame_mask: torch.Tensor | None = None,
         use_spatial: bool = True,
+        spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the VLM once over prompt + action queries; returns h_cond, (B, Q, d_llm).
 
         Works with left or right padding: position ids count real tokens only, so the queries sit right after
-        the last real token of each sample.
+        the last real token of each sample. spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens, in
+        place of spatial_pixel_values (frozen CUT3R need not run again, e.g. from `SpatialTokenCache`).
         """
         embeds = self.model.embed_inputs(
-            input_ids, pixel_values, spatial_pixel_values, spatial_frame_mask, use_spatial=use_spatial
+            input_ids,
+            pixel_values,
+            spatial_pixel_values,
+            spatial_frame_mask,
+            use_spatial=use_spatial,
+            spatial_tokens=spatial_tokens,
         )
         batch, length = embeds.shape[:2]
         num_q = self.action_queries.shape[0]
@@ -558,6 +565,7 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
         actions: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
         tau: torch.Tensor | None = None,
+        spatial_tokens: torch.Tensor | None = None,
         **kwargs: Any,
     ) -> VipaActionOutput:
         """Flow-matching training step.
@@ -567,6 +575,7 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
             state: (B, state_dim) normalised robot state.
             actions: (B, H, action_dim) normalised ground-truth chunk; None returns h_cond only.
             noise: eps (B, H, action_dim), standard normal when None; tau: (B,), sampled when None.
+            spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens instead of spatial_pixel_values.
 
         Returns:
             `VipaActionOutput(loss, velocity, h_cond)`, loss = mean |v_theta(ã, tau) - (a - eps)|^2.
@@ -582,7 +591,12 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
         if actions is not None:
             self.action_head.check_actions(actions, batch)
         h_cond = self.encode_action_queries(
-            input_ids, attention_mask, pixel_values, spatial_pixel_values, spatial_frame_mask
+            input_ids,
+            attention_mask,
+            pixel_values,
+            spatial_pixel_values,
+            spatial_frame_mask,
+            spatial_tokens=spatial_tokens,
         )
         if actions is None:
             return VipaActionOutput(h_cond=h_cond)
@@ -610,6 +624,7 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
         noise: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
         return_normalized: bool = False,
+        spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Predict an action chunk: the VLM prefix runs ONCE, then N Euler steps of the DiT head.
 
@@ -621,6 +636,7 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
             num_steps: N Euler steps; `action_head_config.num_inference_steps` when None.
             noise: (B, H, action_dim) starting point, standard normal (from `generator`) when None.
             return_normalized: return the chunk in the normalised space and skip the processor.
+            spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens instead of spatial_pixel_values.
 
         Returns:
             (B, H, action_dim) float32 actions, un-normalised unless `return_normalized`.
@@ -636,7 +652,12 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
             )
         self.action_head.check_state(state, input_ids.shape[0])
         h_cond = self.encode_action_queries(
-            input_ids, attention_mask, pixel_values, spatial_pixel_values, spatial_frame_mask
+            input_ids,
+            attention_mask,
+            pixel_values,
+            spatial_pixel_values,
+            spatial_frame_mask,
+            spatial_tokens=spatial_tokens,
         )
         actions = self.action_head.sample(
             h_cond, state, num_steps=num_steps, noise=noise, generator=generator

@@ -165,3 +165,34 @@ def test_a_reloaded_encoder_finds_its_entries(model, tmp_path: Path) -> None:
         again.get_or_compute(batch["spatial_pixel_values"], batch["spatial_frame_mask"]), first
     )
     assert counter.calls == 0 and again.hits == 2
+
+
+def test_action_model_accepts_cached_tokens() -> None:
+    """VipaForActionPrediction: h_cond, the training loss and predict_action are unchanged when CUT3R's
+    tokens come precomputed, and CUT3R is not run."""
+    from modeling_vipa.modeling_vipa import VipaForActionPrediction
+
+    torch.manual_seed(0)
+    policy = VipaForActionPrediction(VipaConfig.tiny()).eval()
+    batch = make_batch()
+    head = policy.config.action_head_config
+    state = torch.randn(2, head.state_dim)
+    actions = torch.randn(2, head.horizon, head.action_dim)
+    noise, tau = torch.randn_like(actions), torch.tensor([0.3, 0.8])
+    with torch.no_grad():
+        tokens = policy.spatial_encoder(batch["spatial_pixel_values"], return_heads=False).tokens
+        ref = policy(**batch, state=state, actions=actions, noise=noise, tau=tau)
+        ref_act = policy.predict_action(**batch, state=state, noise=noise, return_normalized=True)
+        counter = CallCounter(policy.spatial_encoder)
+        got = policy(**cached_inputs(batch, tokens), state=state, actions=actions, noise=noise, tau=tau)
+        got_act = policy.predict_action(
+            **cached_inputs(batch, tokens), state=state, noise=noise, return_normalized=True
+        )
+    assert counter.calls == 0
+    torch.testing.assert_close(got.h_cond, ref.h_cond, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got.loss, ref.loss, rtol=0, atol=1e-6)
+    torch.testing.assert_close(got_act, ref_act, rtol=0, atol=1e-6)
+    # different tokens change the conditioning: the input is really used
+    with torch.no_grad():
+        other = policy(**cached_inputs(batch, tokens + 1.0), state=state)
+    assert not torch.allclose(other.h_cond, ref.h_cond, atol=1e-4)
