@@ -64,8 +64,11 @@ class BuildConfig:
     frames: int = 8  # frames per clip (synth)
     test_fraction: float = 0.1  # share of clips in the test split
     shard_size: int = 16  # clips per shard
-    estimator: str = "gt-depth"  # point cloud estimator name (make_models)
-    detector: str = "gt-boxes"  # object detector name (make_models)
+    estimator: str = (
+        "gt-depth"  # point clouds: "gt-depth", "cut3r:<folder>" or "depth-anything:<folder|hub id>"
+    )
+    detector: str = "gt-boxes"  # object boxes: "gt-boxes" or "grounding-dino:<folder|hub id>"
+    device: str = "cpu"  # where a learnt estimator / detector runs ("cpu", "cuda", "cuda:1")
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -75,11 +78,13 @@ class BuildConfig:
                 raise ValueError(f"{name}: expected an integer >= 1, got {v!r}")
         if not 0.0 <= self.test_fraction < 1.0:
             raise ValueError(f"test_fraction: expected a value in [0, 1), got {self.test_fraction}")
+        _parse_model_spec("estimator", self.estimator)
+        _parse_model_spec("detector", self.detector)
 
     def resume_key(self) -> dict:
         """Settings that change the content of a shard (a resumed build must match them)."""
         d = asdict(self)
-        for k in ("num_clips", "num_workers", "progress", "out"):
+        for k in ("num_clips", "num_workers", "progress", "out", "device"):
             d.pop(k)
         return d
 
@@ -107,15 +112,53 @@ def make_source(cfg: BuildConfig):
     return get_source(cfg.source, root=cfg.source_root)
 
 
+# Model specs of `BuildConfig.estimator` / `.detector`: kind -> whether it takes ":<folder or hub id>".
+ESTIMATORS = {"gt-depth": False, "cut3r": True, "depth-anything": True}
+DETECTORS = {"gt-boxes": False, "grounding-dino": True}
+
+
+def _parse_model_spec(field: str, spec: str) -> tuple[str, str | None]:
+    """'cut3r:/ckpt' -> ('cut3r', '/ckpt'); 'gt-depth' -> ('gt-depth', None). Errors name the field."""
+    kinds = ESTIMATORS if field == "estimator" else DETECTORS
+    kind, sep, where = str(spec).partition(":")
+    if kind not in kinds:
+        raise ValueError(f"{field}: unknown kind {kind!r} in {spec!r}; expected one of {sorted(kinds)}")
+    if kinds[kind] and not where:
+        raise ValueError(
+            f"{field}: {kind!r} needs a checkpoint, as '{kind}:<folder or hub id>'; got {spec!r}"
+        )
+    if not kinds[kind] and sep:
+        raise ValueError(f"{field}: {kind!r} takes no checkpoint; got {spec!r}")
+    return kind, where or None
+
+
 def make_models(cfg: BuildConfig):
-    """(estimator, detector) named by the config."""
+    """(estimator, detector) named by the config.
+
+    gt-depth / gt-boxes: the synth source's depth (with a hidden per-clip scale) and segmentation boxes.
+    cut3r:<folder>: a converted CUT3R checkpoint (`vipa-train convert-cut3r`), self-view pointmaps.
+    depth-anything:<folder|id>: transformers' DepthAnythingForDepthEstimation with the clip's intrinsics.
+    grounding-dino:<folder|id>: transformers' GroundingDinoForObjectDetection, boxes from the object names.
+    """
     from hand3d_dataset import estimators
 
-    if cfg.estimator != "gt-depth" or cfg.detector != "gt-boxes":
-        raise ValueError(
-            f"estimator/detector: the runner supports 'gt-depth'/'gt-boxes', got {cfg.estimator!r}/{cfg.detector!r}"
-        )
-    return estimators.GroundTruthDepthEstimator(seed=cfg.seed), estimators.GroundTruthBoxDetector()
+    kind, where = _parse_model_spec("estimator", cfg.estimator)
+    if kind == "gt-depth":
+        estimator = estimators.GroundTruthDepthEstimator(seed=cfg.seed)
+    elif kind == "cut3r":
+        from hand3d_dataset.cut3r_estimator import Cut3rPointCloudEstimator
+
+        if not Path(where).is_dir():
+            raise ValueError(f"estimator: no CUT3R checkpoint folder at {where!r} (convert one first)")
+        estimator = Cut3rPointCloudEstimator(where, device=cfg.device)
+    else:
+        estimator = estimators.DepthAnythingEstimator(where, device=cfg.device)
+    kind, where = _parse_model_spec("detector", cfg.detector)
+    if kind == "gt-boxes":
+        detector = estimators.GroundTruthBoxDetector()
+    else:
+        detector = estimators.GroundingDinoDetector(where, device=cfg.device)
+    return estimator, detector
 
 
 # ---- workers -----------------------------------------------------------------------------------------

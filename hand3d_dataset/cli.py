@@ -44,6 +44,9 @@ def _build(args: argparse.Namespace) -> int:
         frames=args.frames,
         test_fraction=args.test_fraction,
         shard_size=args.shard_size,
+        estimator=args.estimator,
+        detector=args.detector,
+        device=args.device,
         progress=not args.no_progress,
     )
     report = build(cfg)
@@ -148,6 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frames", type=int, default=8, help="frames per clip (default: 8)")
     p.add_argument("--test-fraction", type=float, default=0.1, help="share of clips in test (default: 0.1)")
     p.add_argument("--shard-size", type=int, default=16, help="clips per parquet shard (default: 16)")
+    p.add_argument(
+        "--estimator",
+        default="gt-depth",
+        help="point clouds: gt-depth (synth), cut3r:<converted folder> or depth-anything:<folder|hub id> "
+        "(default: gt-depth)",
+    )
+    p.add_argument(
+        "--detector",
+        default="gt-boxes",
+        help="object boxes: gt-boxes (synth) or grounding-dino:<folder|hub id> (default: gt-boxes)",
+    )
+    p.add_argument("--device", default="cpu", help="device of a learnt estimator/detector (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_build)
 
