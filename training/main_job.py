@@ -12,7 +12,8 @@ skipped when already complete, so an interrupted run continues where it stopped:
 2. `standins/init/`: tokenizer (BPE on the train texts), processor and the random stand-in VIPA model.
 3. `standins/cut3r/`: the CUT3R STAND-IN, pointmap regression from rendered metric depth (synth train clips).
 4. `single_encoder/`: the semantic backbone STAND-IN (tiny InternVL, 3D branch off), trained on Hand3D-visual
-   train: Table 8's "single-encoder model trained with Hand3D".
+   train plus a dense "name what each image token shows" loss on the same train frames (`training.dense_names`,
+   the stand-in for InternVL's grounding pretraining): Table 8's "single-encoder model trained with Hand3D".
 5. `standins/vipa_init/`: VIPA-VLA initialised as the paper does (§3.2.3): that backbone + the CUT3R stand-in
    + a freshly initialised fusion layer (alpha = 0.5).
 6. `runs/stage1/`: stage 1 (`training.stage1`: only the fusion layer, Hand3D-visual) -> Table 8's VIPA-VLA-PT.
@@ -155,9 +156,24 @@ def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> 
     _write_json({"stand_in": True, "note": STANDIN_NOTE, "trained": False}, out / "standin_info.json")
 
 
-def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> dict:
+def _synth_train_clips(cfg: MainJobConfig, limit: int | None, desc: str) -> Iterator[Any]:
+    """The synth TRAIN clips of the build, rendered again (with depth and segmentation, which Hand3D rows lack).
+
+    The build's split rule by clip position: nothing of a test clip ever teaches a stand-in.
+    """
+    from tqdm.auto import tqdm
+
     from hand3d_dataset.build import is_test_clip
     from hand3d_dataset.sources.synth import SynthSource
+
+    source = SynthSource(
+        num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
+    )
+    ids = [c for i, c in enumerate(source.clip_ids()) if not is_test_clip(i, 0.1)][:limit]
+    return (source.load_clip(c) for c in tqdm(ids, desc=desc, unit="clip"))
+
+
+def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> dict:
     from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
     from processing_vipa.processing_vipa import VipaProcessor
     from training.pretrain_standins import STANDIN_NOTE, prepare_cut3r_clips, pretrain_cut3r
@@ -165,17 +181,8 @@ def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> di
     model = VipaForConditionalGeneration.from_pretrained(str(init_dir))
     processor = VipaProcessor.from_pretrained(str(init_dir), trust_remote_code=False)
     encoder = model.model.spatial_encoder
-    source = SynthSource(
-        num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
-    )
-    # the build's split rule by clip position: only training clips teach the stand-in depth
-    ids = [c for i, c in enumerate(source.clip_ids()) if not is_test_clip(i, 0.1)][: cfg.cut3r_clips]
-    from tqdm.auto import tqdm
-
     clips = prepare_cut3r_clips(
-        (source.load_clip(c) for c in tqdm(ids, desc="render synth depth", unit="clip")),
-        processor,
-        scfg.spatial_size,
+        _synth_train_clips(cfg, cfg.cut3r_clips, "render synth depth"), processor, scfg.spatial_size
     )
     summary = pretrain_cut3r(encoder, clips, scfg, processor, seed=cfg.seed)
     summary.update(stand_in=True, note=STANDIN_NOTE, clips=len(clips))
@@ -185,13 +192,23 @@ def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> di
 
 
 def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Path, out: Path) -> dict:
+    import numpy as np
+
     from training.common import load_hand3d_split, load_model_and_processor, validate_dataset
+    from training.dense_names import DenseNameLoss
     from training.pretrain_standins import STANDIN_NOTE, pretrain_semantic_backbone
 
     model, processor = load_model_and_processor(init_dir)
     train = load_hand3d_split(data_dir, "visual", "train")
     train, report = validate_dataset(train, processor, max_length=1024, max_skip_fraction=0.05)
-    trainer = pretrain_semantic_backbone(model, processor, train, out / "_trainer", scfg, seed=cfg.seed)
+    dense = None
+    if scfg.dense_weight:  # what a pretrained InternVL brings: image tokens that say what they show
+        clips = list(_synth_train_clips(cfg, None, "render synth segmentation"))
+        dense = DenseNameLoss.from_clips(clips, processor, model.config, scfg.dense_batch, seed=cfg.seed)
+        del clips
+    trainer = pretrain_semantic_backbone(
+        model, processor, train, out / "_trainer", scfg, seed=cfg.seed, dense=dense
+    )
     shutil.rmtree(out / "_trainer", ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     model.save_pretrained(str(out))
@@ -206,6 +223,15 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
         "learning_rate": scfg.backbone_lr,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
+        "dense_names": None
+        if dense is None
+        else {
+            "weight": scfg.dense_weight,
+            "frames": len(dense.targets),
+            "name_tokens": len(dense.token_ids),
+            "loss_first": float(np.mean(dense.history[:20])),
+            "loss_last": float(np.mean(dense.history[-20:])),
+        },
         "data_report": report,
     }
     _write_json(summary, out / TRAINING_MARKER)

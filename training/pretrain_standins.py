@@ -108,10 +108,15 @@ class StandinConfig:
     backbone_steps: int = 2000  # optimiser steps of the semantic backbone on Hand3D-visual train
     backbone_batch: int = 8  # samples per backbone step
     backbone_lr: float = 1e-3  # AdamW peak learning rate of the backbone (cosine, 3% warm-up)
+    dense_weight: float = (
+        1.0  # weight of the dense name loss (training.dense_names) in backbone steps; 0: off
+    )
+    dense_batch: int = 16  # frames per dense name loss term
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            low_ok = name == "dense_weight" and value == 0  # 0 switches the dense name loss off
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 and not low_ok):
                 raise ValueError(f"StandinConfig.{name}: expected a number > 0, got {value!r}")
         if self.tile_size % 28:
             raise ValueError(
@@ -446,14 +451,27 @@ def pretrain_semantic_backbone(
     cfg: StandinConfig,
     seed: int = 0,
     progress: bool = True,
+    dense: Any = None,
 ) -> Any:
     """Train InternVL's parts (vision tower, projector, Qwen3) on Hand3D-visual rows with TRL's SFTTrainer.
 
     The 3D branch is off (`disable_spatial_branch`) and CUT3R frozen: this is the single-encoder model.
     train_dataset: validated Hand3D-visual train rows (`images`, `messages`). Returns the trainer; the model is
     trained in place (not saved: the caller saves it with its marker).
+    dense: a `training.dense_names.DenseNameLoss`; each step then minimises
+    `LM loss + cfg.dense_weight * dense(model)` (None, or dense_weight 0: the LM loss alone).
     """
     from trl import SFTConfig, SFTTrainer
+
+    weight = cfg.dense_weight if dense is not None else 0.0
+
+    class _Trainer(SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):  # noqa: ANN001
+            out = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+            if not weight:
+                return out
+            extra = weight * dense(model)
+            return (out[0] + extra, out[1]) if return_outputs else out + extra
 
     disable_spatial_branch(model)
     for name, p in model.named_parameters():
@@ -477,8 +495,9 @@ def pretrain_semantic_backbone(
         report_to=[],
         disable_tqdm=True,
         dataloader_num_workers=0,
+        gradient_checkpointing=False,  # TRL's default is on: recomputing a tiny model only costs time
     )
-    trainer = SFTTrainer(
+    trainer = _Trainer(
         model=model,
         args=args,
         train_dataset=train_dataset,

@@ -1,0 +1,200 @@
+"""Dense name alignment for the semantic backbone STAND-IN: every image token learns to name what it shows.
+
+A pretrained InternVL reads *where* a named thing is in the image because it was pretrained on web-scale
+grounding data. The tiny stand-in trained from scratch on Hand3D-visual alone never gets there on a CPU
+budget: it learns to answer from the question text (the direction score of a text-only majority vote) and
+its answers do not change when the images are replaced by grey ones. This objective stands in for that
+pretraining. Each frame is fed to the VLM on its own (`<img> V_1 ... V_N </img>`); the LLM's last hidden
+state at each image token goes through the (tied) LM head, restricted to the tokens of the scene's name
+words, and a binary cross-entropy asks it to name the objects and hands that cover that token's image
+region (from the renderer's segmentation, resized like the tile). So image tokens come to live next to the
+word embeddings of what they show, and a question's "red can" can find the red can's tokens by attention.
+
+Only 2D segmentation and names of TRAIN clips are used: no depth, no 3D position, nothing of the test split.
+Both Table-8 models share the backbone trained with it, so the comparison stays fair.
+
+    from training.dense_names import DenseNameLoss
+    dense = DenseNameLoss.from_clips(train_clips, processor, model.config)   # clips with segmentation
+    loss = dense(model)                     # one random batch of frames; add it to the LM loss
+    pretrain_semantic_backbone(model, processor, rows, out, cfg, dense=dense)   # what the main job does
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+import torch.nn.functional as F
+from transformers.models.internvl.modeling_internvl import InternVLModel
+
+from hand3d_dataset.clip import HAND_SEGMENT, Clip
+
+__all__ = ["DenseNameLoss", "image_token_regions", "token_name_targets"]
+
+
+def image_token_regions(tile: int, patch: int, downsample_ratio: float) -> np.ndarray:
+    """Which ViT patches each LLM image token is made of, in the order the LLM sees the tokens.
+
+    InternVL pixel-shuffles the (tile/patch)^2 patch grid; the permutation is read off by pushing the patch
+    indices through transformers' own `InternVLModel.pixel_shuffle`, so it cannot drift from the model.
+    Returns (N_tokens, patches_per_token) int64 row-major patch indices.
+    """
+    g = tile // patch
+    if g * patch != tile:
+        raise ValueError(f"tile: {tile} px is not a multiple of the {patch} px patch")
+    k = round(1 / downsample_ratio) ** 2
+    idx = torch.arange(g * g, dtype=torch.float64).reshape(1, g, g, 1)
+    shuffled = InternVLModel.pixel_shuffle(None, idx, scale_factor=downsample_ratio)
+    return shuffled.reshape(-1, k).long().numpy()
+
+
+def token_name_targets(
+    segmentation: np.ndarray,
+    segment_words: dict[int, list[int]],
+    num_columns: int,
+    tile: int,
+    patch: int,
+    downsample_ratio: float,
+    min_cover: float = 0.03,
+) -> np.ndarray:
+    """Multi-hot name targets per LLM image token of one frame.
+
+    segmentation: (H, W) uint8 segment ids; segment_words: segment id -> target columns of its name's tokens.
+    A column is on for a token when the segments naming it cover at least `min_cover` of the token's region
+    (the tile-resized segmentation, NEAREST, like the RGB resize up to sampling).
+    Returns (N_tokens, num_columns) float32 in {0, 1}.
+    """
+    table = np.zeros((256, num_columns), np.float32)  # segment id -> multi-hot columns
+    for seg_id, cols in segment_words.items():
+        table[seg_id, cols] = 1.0
+    seg = np.asarray(
+        PIL.Image.fromarray(np.asarray(segmentation, np.uint8)).resize((tile, tile), PIL.Image.NEAREST)
+    )
+    g = tile // patch
+    per_patch = (
+        table[seg].reshape(g, patch, g, patch, num_columns).mean(axis=(1, 3)).reshape(g * g, num_columns)
+    )
+    cover = per_patch[image_token_regions(tile, patch, downsample_ratio)].mean(axis=1)
+    return (cover >= min_cover).astype(np.float32)
+
+
+class DenseNameLoss:
+    """Frames, their per-token name targets, and the loss on a random batch of them (see the module docstring).
+
+    Args:
+        pixel_values: (F, 3, S, S) InternVL tiles of the frames (one tile per frame).
+        targets: (F, N_tokens, C) multi-hot name targets.
+        token_ids: (C,) vocabulary ids of the target columns (the name words' BPE tokens).
+        image_start_id, image_end_id: `<img>` / `</img>` token ids framing the image tokens.
+        batch_size: frames per call; seed: the frame sampler's seed.
+    """
+
+    def __init__(
+        self,
+        pixel_values: torch.Tensor,
+        targets: torch.Tensor,
+        token_ids: Sequence[int],
+        image_start_id: int,
+        image_end_id: int,
+        batch_size: int = 16,
+        seed: int = 0,
+    ) -> None:
+        if (
+            pixel_values.ndim != 4
+            or targets.ndim != 3
+            or len(pixel_values) != len(targets)
+            or not len(targets)
+        ):
+            raise ValueError(
+                f"pixel_values/targets: expected (F, 3, S, S) and (F, N, C) with the same F > 0, got "
+                f"{tuple(pixel_values.shape)} and {tuple(targets.shape)}"
+            )
+        if targets.shape[-1] != len(token_ids):
+            raise ValueError(f"token_ids: {len(token_ids)} ids for {targets.shape[-1]} target columns")
+        if batch_size < 1:
+            raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+        self.pixel_values, self.targets = pixel_values, targets.float()
+        self.token_ids = torch.as_tensor(list(token_ids), dtype=torch.long)
+        self.image_start_id, self.image_end_id = int(image_start_id), int(image_end_id)
+        self.batch_size = batch_size
+        self.generator = torch.Generator().manual_seed(seed)
+        self.history: list[float] = []  # loss of every call, for the training summary
+
+    @classmethod
+    def from_clips(
+        cls, clips: Sequence[Clip], processor: Any, config: Any, batch_size: int = 16, seed: int = 0
+    ) -> DenseNameLoss:
+        """From rendered clips with segmentation (e.g. `SynthSource` TRAIN clips): every frame of every clip.
+
+        Name words are the words of the objects' names plus "left"/"right" and "hand"; each word's tokens are
+        its BPE pieces with a leading space, as it appears inside a sentence.
+        """
+        tok = processor.tokenizer
+        ivl = config.internvl_config
+        tile = processor.image_processor.size["height"]
+        patch = ivl.vision_config.patch_size
+        patch = patch[0] if isinstance(patch, (list, tuple)) else patch
+        words = sorted(
+            {w for c in clips for o in c.objects for w in o.name.split()} | {"left", "right", "hand"}
+        )
+        word_ids = {w: tok.encode(" " + w, add_special_tokens=False) for w in words}
+        columns = sorted({t for ids in word_ids.values() for t in ids})
+        col = {t: i for i, t in enumerate(columns)}
+        images, targets = [], []
+        for clip in clips:
+            if clip.segmentation is None:
+                raise ValueError(f"clips: clip {clip.clip_id!r} has no segmentation; dense names need one")
+            seg_words = {
+                o.segment_id: [col[t] for w in o.name.split() for t in word_ids[w]] for o in clip.objects
+            }
+            seg_words.pop(None, None)
+            for side in clip.hands:
+                seg_words[HAND_SEGMENT[side]] = [col[t] for w in (side, "hand") for t in word_ids[w]]
+            for f in range(clip.num_frames):
+                targets.append(
+                    token_name_targets(
+                        clip.segmentation[f], seg_words, len(columns), tile, patch, ivl.downsample_ratio
+                    )
+                )
+                images.append(PIL.Image.fromarray(np.asarray(clip.frames[f], np.uint8)))
+        if not images:
+            raise ValueError("clips: no frames to build dense name targets from")
+        pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
+        if pixel_values.shape[0] != len(images):
+            raise ValueError(
+                f"processor: expected one tile per frame for dense names, got {pixel_values.shape[0]} tiles for "
+                f"{len(images)} frames (switch dynamic tiling off)"
+            )
+        return cls(
+            pixel_values,
+            torch.from_numpy(np.stack(targets)),
+            columns,
+            tok.convert_tokens_to_ids("<img>"),
+            tok.convert_tokens_to_ids("</img>"),
+            batch_size=batch_size,
+            seed=seed,
+        )
+
+    def __call__(self, model: Any) -> torch.Tensor:
+        """Loss on `batch_size` random frames: BCE of the LM head's name-token logits at each image token.
+
+        model: a `VipaForConditionalGeneration` whose 3D branch is off (InternVL path only). Returns a scalar.
+        """
+        idx = torch.randint(len(self.targets), (self.batch_size,), generator=self.generator)
+        inner = model.model
+        feats = inner.get_image_features(self.pixel_values[idx], None, use_spatial=False)  # (B, N, d_llm)
+        embed = model.get_input_embeddings()
+        b = feats.shape[0]
+        ends = [
+            embed(torch.full((b, 1), i, device=feats.device))
+            for i in (self.image_start_id, self.image_end_id)
+        ]
+        hidden = inner.language_model(inputs_embeds=torch.cat([ends[0], feats, ends[1]], 1)).last_hidden_state
+        head = model.get_output_embeddings().weight[self.token_ids.to(feats.device)]  # (C, d_llm)
+        logits = hidden[:, 1:-1].float() @ head.float().T  # (B, N, C)
+        loss = F.binary_cross_entropy_with_logits(logits, self.targets[idx].to(logits.device))
+        self.history.append(float(loss.detach()))
+        return loss
