@@ -10,7 +10,7 @@ import torch
 from hand3d_dataset.clip import HAND_SEGMENT
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 from tests.hand3d_fake_source import make_clip
-from training.dense_names import DenseNameLoss, image_token_regions, token_name_targets
+from training.dense_names import DenseNameLoss, image_token_regions, token_log_depth, token_name_targets
 from training.pretrain_standins import (
     StandinConfig,
     build_standin_processor,
@@ -133,3 +133,71 @@ def test_bad_inputs_name_the_problem(tiny) -> None:
     with pytest.raises(ValueError, match="dense_weight"):
         StandinConfig(dense_weight=-1.0)
     assert StandinConfig(dense_weight=0.0).dense_weight == 0.0
+
+
+def test_token_log_depth_by_hand() -> None:
+    tile, patch = 56, 14
+    depth = np.full((tile, tile), 2.0, np.float32)
+    depth[0:28, 28:56] = 0.5  # the top-right token's region
+    depth[28:56, 0:28] = np.nan  # no surface under the bottom-left token
+    depth[28:56, 28:56][:5, :] = 9.0  # 140 of 784 px: the median stays 2.0
+    regions = image_token_regions(tile, patch, 0.5)
+    got = token_log_depth(depth, tile, patch, regions)
+    for t, r in enumerate(regions):
+        rows, cols = np.divmod(r, tile // patch)
+        top, left = rows.min() * patch, cols.min() * patch
+        block = depth[top : top + 28, left : left + 28]
+        if np.isnan(block).all():
+            assert np.isnan(got[t])
+        else:
+            assert got[t] == pytest.approx(np.log(np.median(block[np.isfinite(block)])))
+    assert sorted(np.round(np.exp(got[np.isfinite(got)]), 6).tolist()) == [0.5, 2.0, 2.0]
+
+
+def test_depth_readout_targets_and_loss(tiny) -> None:
+    cfg, processor, model = tiny
+    clips = [make_clip(i) for i in range(2)]
+    clips[1].depth = clips[1].depth * 2.0  # a second scene twice as far: the targets must vary
+    clips[1].depth[0, :4, :4] = np.nan  # and a few pixels with no surface
+    dense = DenseNameLoss.from_clips(clips, processor, model.config, batch_size=4, seed=0, depth_weight=0.5)
+    # targets: z-scored log median depth, recomputed here from the clips with numpy
+    regions = image_token_regions(cfg.tile_size, 14, 0.5)
+    raw = np.stack(
+        [token_log_depth(c.depth[f], cfg.tile_size, 14, regions) for c in clips for f in range(c.num_frames)]
+    )
+    expected = (raw - np.nanmean(raw)) / np.nanstd(raw)
+    np.testing.assert_allclose(dense.depth.numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert dense.depth_token_id == processor.tokenizer.convert_tokens_to_ids("<video>")
+    # the loss adds weight x the squared error of the readout logit, recomputed by hand on the same frames
+    state = dense.generator.get_state()
+    total = dense(model)
+    dense.generator.set_state(state)
+    idx = torch.randint(len(dense.targets), (4,), generator=dense.generator)
+    with torch.no_grad():
+        inner = model.model
+        feats = inner.get_image_features(dense.pixel_values[idx], None, use_spatial=False)
+        emb = model.get_input_embeddings()
+        seq = torch.cat(
+            [
+                emb(torch.full((4, 1), dense.image_start_id)),
+                feats,
+                emb(torch.full((4, 1), dense.image_end_id)),
+            ],
+            1,
+        )
+        h = inner.language_model(inputs_embeds=seq).last_hidden_state[:, 1:-1]
+        readout = h @ model.lm_head.weight[dense.depth_token_id]
+        t = dense.depth[idx]
+        ok = torch.isfinite(t)
+        expected_depth = ((readout[ok] - t[ok]) ** 2).mean()
+    assert float(total.detach()) == pytest.approx(dense.history[-1] + 0.5 * float(expected_depth), rel=1e-5)
+    assert dense.depth_history[-1] == pytest.approx(float(expected_depth), rel=1e-5)
+    # names only: no depth needed
+    clip = make_clip(0)
+    clip.depth = None
+    with pytest.raises(ValueError, match="has no depth"):
+        DenseNameLoss.from_clips([clip], processor, model.config)
+    names_only = DenseNameLoss.from_clips([clip], processor, model.config, depth_weight=0.0)
+    assert names_only.depth is None and float(names_only(model).detach()) == pytest.approx(
+        names_only.history[-1]
+    )

@@ -81,7 +81,18 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
     assert results["table8"][0]["direction_score"] == pytest.approx(expected, abs=1e-9)
     # stand-ins are labelled as such wherever they are recorded
     assert results["stand_ins"]["cut3r"]["stand_in"] is True
-    assert json.loads((out / "single_encoder" / "training_summary.json").read_text())["stand_in"] is True
+    backbone = json.loads((out / "single_encoder" / "training_summary.json").read_text())
+    assert backbone["stand_in"] is True
+    # the dense name loss ran on every frame of the train clips (the quick build: 3 frames per clip)
+    import pyarrow.parquet as pq
+
+    shards = sorted((out / "hand3d" / "data" / "visual").glob("train-*.parquet"))
+    n_train_clips = len(
+        {c for f in shards for c in pq.read_table(f, columns=["clip_id"]).column("clip_id").to_pylist()}
+    )
+    assert backbone["dense_names"]["frames"] >= 3 * n_train_clips > 0
+    assert backbone["dense_names"]["name_tokens"] > 0
+    assert backbone["dense_names"]["depth_weight"] > 0 and backbone["dense_names"]["depth_loss_last"] >= 0
     for png in ("eval/figure8.png",):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
@@ -122,3 +133,10 @@ def test_main_job_refuses_other_settings_in_same_folder(tmp_path: Path) -> None:
     proc = _run_job(out)
     assert proc.returncode == 2
     assert "other settings" in proc.stderr
+
+
+def test_main_job_config_names_a_bad_fusion_option() -> None:
+    from training.main_job import MainJobConfig
+
+    with pytest.raises(ValueError, match="fusion_qk_position.*'rope'"):
+        MainJobConfig(fusion_qk_position="rope")

@@ -2,7 +2,7 @@
 the pretrained parts, run the paper's pretraining stages 1 and 2, evaluate on the Hand3D test split, print a
 table shaped like the paper's Table 8, write plots and `results.json`, then serve the Space.
 
-    python -m training.main_job                      # outputs/demo, ~20 min on 2 CPU cores, then serves
+    python -m training.main_job                      # outputs/demo, ~13 min on 2 CPU cores, then serves
     python -m training.main_job --quick --no-serve   # seconds-long smoke run (tests)
 
 Phases, each writing its outputs atomically (a temporary folder renamed, or a marker file written last) and
@@ -49,8 +49,10 @@ class MainJobConfig:
     """Sizes of one main-job run; `quick()` for tests."""
 
     out: str = "outputs/demo"  # output folder of every phase
-    num_clips: int = 400  # synth clips (about 9 visual + 3 action samples each; ~10% go to the test split)
-    image_size: int = 128  # rendered frame side, px (CUT3R input 64 = exactly half: pointmaps pool 2x2)
+    num_clips: int = 1500  # synth clips (about 9 visual + 3 action samples each; ~10% go to the test split)
+    image_size: int = (
+        128  # rendered frame side, px (= the CUT3R stand-in's input: pointmaps at full resolution)
+    )
     frames: int = 3  # frames per clip (samples show 1-3: each frame costs a CUT3R pass)
     num_workers: int = 2  # processes of the dataset build
     cut3r_clips: int = 200  # synth TRAIN clips rendered (with depth) for the CUT3R stand-in
@@ -60,8 +62,15 @@ class MainJobConfig:
     eval_batch_size: int = 16  # prompts per generate() call
     eval_max_new_tokens: int = 48  # answer tokens generated per visual question (answers use ~20-35)
     seed: int = 0  # data and model seed
+    fusion_qk_position: str = "none"  # VipaFusionConfig.qk_position of the composed VIPA-VLA ("none": paper)
     quick: bool = False  # the test-sized run
     standins: dict = field(default_factory=dict)  # StandinConfig overrides
+
+    def __post_init__(self) -> None:
+        if self.fusion_qk_position not in ("none", "sincos2d"):
+            raise ValueError(
+                f"MainJobConfig.fusion_qk_position: expected 'none' or 'sincos2d', got {self.fusion_qk_position!r}"
+            )
 
     @classmethod
     def quick_config(cls, out: str) -> MainJobConfig:
@@ -204,7 +213,14 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
     dense = None
     if scfg.dense_weight:  # what a pretrained InternVL brings: image tokens that say what they show
         clips = list(_synth_train_clips(cfg, None, "render synth segmentation"))
-        dense = DenseNameLoss.from_clips(clips, processor, model.config, scfg.dense_batch, seed=cfg.seed)
+        dense = DenseNameLoss.from_clips(
+            clips,
+            processor,
+            model.config,
+            scfg.dense_batch,
+            seed=cfg.seed,
+            depth_weight=scfg.dense_depth_weight,
+        )
         del clips
     trainer = pretrain_semantic_backbone(
         model, processor, train, out / "_trainer", scfg, seed=cfg.seed, dense=dense
@@ -231,6 +247,9 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
             "name_tokens": len(dense.token_ids),
             "loss_first": float(np.mean(dense.history[:20])),
             "loss_last": float(np.mean(dense.history[-20:])),
+            "depth_weight": dense.depth_weight if dense.depth is not None else 0.0,
+            "depth_loss_first": float(np.mean(dense.depth_history[:20])) if dense.depth_history else None,
+            "depth_loss_last": float(np.mean(dense.depth_history[-20:])) if dense.depth_history else None,
         },
         "data_report": report,
     }
@@ -248,7 +267,9 @@ def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: 
 
     backbone, processor = load_model_and_processor(backbone_dir)
     torch.manual_seed(cfg.seed + 1)
-    model = VipaForConditionalGeneration(backbone.config)
+    config = backbone.config
+    config.fusion_layer_config.qk_position = cfg.fusion_qk_position
+    model = VipaForConditionalGeneration(config)
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("model.fusion.")}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("model.fusion.") for k in missing):

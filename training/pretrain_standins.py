@@ -86,7 +86,7 @@ SPECIAL_TOKENS = [
 
 @dataclass
 class StandinConfig:
-    """Sizes and schedules of the stand-in models (defaults: the CPU main job, ~20 min on 2 cores)."""
+    """Sizes and schedules of the stand-in models (defaults: the CPU main job, ~13 min on 2 cores)."""
 
     tile_size: int = 112  # InternVL tile side, px (patch 14 -> 64 patches -> 16 tokens per frame)
     vision_hidden: int = 96  # InternViT stand-in width
@@ -95,27 +95,30 @@ class StandinConfig:
     text_layers: int = 3  # Qwen3 stand-in depth
     text_heads: int = 4  # Qwen3 attention heads (head_dim = text_hidden / text_heads)
     vocab_size: int = 700  # BPE vocabulary trained on the Hand3D texts (before motion tokens)
-    spatial_size: int = 64  # CUT3R input side, px (square: synth frames are square, so no crop)
+    spatial_size: int = (
+        128  # CUT3R input side, px (square, no crop: 8 x 8 patches of 16 px, as the ViT has 8 x 8)
+    )
     cut3r_dim: int = 64  # CUT3R encoder and decoder width (d_s)
     cut3r_enc_layers: int = 3  # CUT3R encoder depth
     cut3r_dec_layers: int = 2  # CUT3R decoder depth
     fusion_dim: int = 64  # fusion cross-attention width
     fusion_heads: int = 4  # fusion attention heads
-    cut3r_steps: int = 300  # pointmap-regression steps of the CUT3R stand-in
+    cut3r_steps: int = 600  # pointmap-regression steps of the CUT3R stand-in
     cut3r_batch: int = 4  # clips per CUT3R step
     cut3r_frames: int = 2  # consecutive frames per clip in a CUT3R step (exercises the recurrent state)
     cut3r_lr: float = 1e-3  # AdamW peak learning rate of the CUT3R stand-in (cosine to 0)
-    backbone_steps: int = 2000  # optimiser steps of the semantic backbone on Hand3D-visual train
+    backbone_steps: int = 3000  # optimiser steps of the semantic backbone on Hand3D-visual train
     backbone_batch: int = 8  # samples per backbone step
     backbone_lr: float = 1e-3  # AdamW peak learning rate of the backbone (cosine, 3% warm-up)
     dense_weight: float = (
         1.0  # weight of the dense name loss (training.dense_names) in backbone steps; 0: off
     )
     dense_batch: int = 16  # frames per dense name loss term
+    dense_depth_weight: float = 1.0  # weight of the dense loss's per-token depth readout (0: names only)
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            low_ok = name == "dense_weight" and value == 0  # 0 switches the dense name loss off
+            low_ok = name in ("dense_weight", "dense_depth_weight") and value == 0  # 0 switches a loss off
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 and not low_ok):
                 raise ValueError(f"StandinConfig.{name}: expected a number > 0, got {value!r}")
         if self.tile_size % 28:
