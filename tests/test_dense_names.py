@@ -201,3 +201,19 @@ def test_depth_readout_targets_and_loss(tiny) -> None:
     assert names_only.depth is None and float(names_only(model).detach()) == pytest.approx(
         names_only.history[-1]
     )
+
+
+def test_relative_depth_removes_each_frames_scale(tiny) -> None:
+    """relative_depth: the same scene twice as far gives the same targets (depth up to scale)."""
+    _, processor, model = tiny
+    near = make_clip(0)
+    far = make_clip(0)
+    far.depth = far.depth * 2.0
+    rel = DenseNameLoss.from_clips([near, far], processor, model.config, relative_depth=True)
+    n = near.num_frames
+    np.testing.assert_allclose(rel.depth[:n].numpy(), rel.depth[n:].numpy(), atol=1e-5)
+    metric = DenseNameLoss.from_clips([near, far], processor, model.config)
+    gap = (metric.depth[n:] - metric.depth[:n]).numpy()  # log 2 over the global std: one constant, > 0
+    assert np.nanstd(gap) < 1e-5 and np.nanmean(gap) > 0.1
+    with pytest.raises(ValueError, match="dense_relative_depth: expected a bool"):
+        StandinConfig(dense_relative_depth=1)

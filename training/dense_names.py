@@ -170,13 +170,15 @@ class DenseNameLoss:
         seed: int = 0,
         depth_weight: float = 1.0,
         depth_token: str = "<video>",
+        relative_depth: bool = False,
     ) -> DenseNameLoss:
         """From rendered clips with segmentation (e.g. `SynthSource` TRAIN clips): every frame of every clip.
 
         Name words are the words of the objects' names plus "left"/"right" and "hand"; each word's tokens are
         its BPE pieces with a leading space, as it appears inside a sentence. With `depth_weight` > 0 the clips
         also need metric depth: each token's target is the log of the median valid depth of its region,
-        z-scored over all tokens (`token_log_depth`).
+        z-scored over all tokens (`token_log_depth`); `relative_depth` first removes each frame's mean log
+        depth, so the readout learns depth up to scale only (no metric scale, as from a monocular estimator).
         """
         tok = processor.tokenizer
         ivl = config.internvl_config
@@ -226,6 +228,11 @@ class DenseNameLoss:
             logd = np.stack(depths)
             if not np.isfinite(logd).any():
                 raise ValueError("clips: no valid depth in any token region; cannot build the depth readout")
+            if (
+                relative_depth
+            ):  # per-frame mean log depth removed: depth up to scale, like a monocular estimator
+                with np.errstate(all="ignore"):
+                    logd = logd - np.nanmean(logd, axis=1, keepdims=True)
             depth = torch.from_numpy(
                 ((logd - np.nanmean(logd)) / max(float(np.nanstd(logd)), 1e-6)).astype(np.float32)
             )

@@ -220,6 +220,7 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
             scfg.dense_batch,
             seed=cfg.seed,
             depth_weight=scfg.dense_depth_weight,
+            relative_depth=scfg.dense_relative_depth,
         )
         del clips
     trainer = pretrain_semantic_backbone(

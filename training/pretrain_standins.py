@@ -115,10 +115,15 @@ class StandinConfig:
     )
     dense_batch: int = 16  # frames per dense name loss term
     dense_depth_weight: float = 1.0  # weight of the dense loss's per-token depth readout (0: names only)
+    dense_relative_depth: bool = False  # depth readout up to scale (per-frame mean log depth removed)
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
             low_ok = name in ("dense_weight", "dense_depth_weight") and value == 0  # 0 switches a loss off
+            if name == "dense_relative_depth":
+                if not isinstance(value, bool):
+                    raise ValueError(f"StandinConfig.{name}: expected a bool, got {value!r}")
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 and not low_ok):
                 raise ValueError(f"StandinConfig.{name}: expected a number > 0, got {value!r}")
         if self.tile_size % 28:
