@@ -115,7 +115,7 @@ class StandinConfig:
     )
     dense_batch: int = 16  # frames per dense name loss term
     dense_depth_weight: float = 1.0  # weight of the dense loss's per-token depth readout (0: names only)
-    dense_relative_depth: bool = False  # depth readout up to scale (per-frame mean log depth removed)
+    dense_relative_depth: bool = True  # depth readout up to scale (per-frame mean log depth removed)
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
