@@ -67,10 +67,12 @@ class MainJobConfig:
     standins: dict = field(default_factory=dict)  # StandinConfig overrides
 
     def __post_init__(self) -> None:
-        if self.fusion_qk_position not in ("none", "sincos2d"):
-            raise ValueError(
-                f"MainJobConfig.fusion_qk_position: expected 'none' or 'sincos2d', got {self.fusion_qk_position!r}"
-            )
+        from modeling_vipa.configuration_vipa import VipaFusionConfig
+
+        try:  # the fusion config owns the allowed values: fail now, not after the stand-ins have trained
+            VipaFusionConfig(qk_position=self.fusion_qk_position)
+        except ValueError as e:
+            raise ValueError(f"MainJobConfig.fusion_qk_position: {e}") from e
 
     @classmethod
     def quick_config(cls, out: str) -> MainJobConfig:
@@ -269,7 +271,12 @@ def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: 
     backbone, processor = load_model_and_processor(backbone_dir)
     torch.manual_seed(cfg.seed + 1)
     config = backbone.config
-    config.fusion_layer_config.qk_position = cfg.fusion_qk_position
+    fusion = (
+        config.fusion_layer_config
+    )  # rebuilt, so its checks (e.g. sincos2d's head size) run on the real dims
+    config.fusion_layer_config = type(fusion).from_dict(
+        {**fusion.to_dict(), "qk_position": cfg.fusion_qk_position}
+    )
     model = VipaForConditionalGeneration(config)
     state = {k: v for k, v in backbone.state_dict().items() if not k.startswith("model.fusion.")}
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -84,6 +84,10 @@ SPECIAL_TOKENS = [
 ]
 
 
+_BOOL_FIELDS = ("dense_relative_depth",)  # StandinConfig switches
+_OFF_AT_ZERO = ("dense_weight", "dense_depth_weight")  # loss weights: 0 switches the loss off
+
+
 @dataclass
 class StandinConfig:
     """Sizes and schedules of the stand-in models (defaults: the CPU main job, ~13 min on 2 cores)."""
@@ -119,12 +123,15 @@ class StandinConfig:
 
     def __post_init__(self) -> None:
         for name, value in self.__dict__.items():
-            low_ok = name in ("dense_weight", "dense_depth_weight") and value == 0  # 0 switches a loss off
-            if name == "dense_relative_depth":
+            if name in _BOOL_FIELDS:
                 if not isinstance(value, bool):
                     raise ValueError(f"StandinConfig.{name}: expected a bool, got {value!r}")
-                continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or (value <= 0 and not low_ok):
+            elif (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or value < 0
+                or (value == 0 and name not in _OFF_AT_ZERO)
+            ):
                 raise ValueError(f"StandinConfig.{name}: expected a number > 0, got {value!r}")
         if self.tile_size % 28:
             raise ValueError(
