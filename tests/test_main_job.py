@@ -29,6 +29,7 @@ PHASES = (
     "stage 1",
     "stage 2",
     "evaluate",
+    "3D probe",
 )
 
 
@@ -93,7 +94,25 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
     assert backbone["dense_names"]["frames"] >= 3 * n_train_clips > 0
     assert backbone["dense_names"]["name_tokens"] > 0
     assert backbone["dense_names"]["depth_weight"] > 0 and backbone["dense_names"]["depth_loss_last"] >= 0
-    for png in ("eval/figure8.png",):
+    # phase 9: the 3D probe fitted and scored every readout (a pair score is a mean of 0..3 hits per pair)
+    probe = results["probe3d"]
+    assert set(probe["rows"]) == {
+        "constant",
+        "CUT3R pointmap (no probe)",
+        "V_sem",
+        "V_spa",
+        "V_f",
+        "LLM input",
+        "V_sem + V_spa",
+    }, probe
+    for row in probe["rows"].values():
+        assert (
+            0.0 <= row["direction_score"] <= 3.0
+            and row["n_pairs"] > 0
+            and np.isfinite(row["distance_error_m"])
+        )
+    assert "linear probe of V_spa" in stdout
+    for png in ("eval/figure8.png", "eval/probe3d.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 
     # the served checkpoint: trained marker + loadable by the Auto classes in a fresh process

@@ -20,6 +20,9 @@ skipped when already complete, so an interrupted run continues where it stopped:
 7. `vipa/`: stage 2 (`training.stage2`: motion tokens + fusion + LLM, Hand3D-action): the served checkpoint.
 8. `eval/`: the three Table 8 rows on the visual test split (+ stage 2's trajectories on the action test split),
    `results.json`, `figure8.png`, `figure9.png`.
+9. `eval/probe3d.json`, `probe3d.png`: what the tokens carry (`training.probe3d`): a linear probe of V_sem,
+   V_spa, V_f and the LLM input of VIPA-VLA-PT for the 3D centres of objects and hands, scored on test-frame
+   pairs like Hand3D answers, next to the answers' scores (perception vs reading).
 
 A fair comparison: the single-encoder model and VIPA-VLA share the same backbone and the same Hand3D-visual
 training steps; VIPA-VLA then trains only its fusion layer (stage 1), never the backbone.
@@ -63,6 +66,9 @@ class MainJobConfig:
     eval_max_new_tokens: int = 48  # answer tokens generated per visual question (answers use ~20-35)
     seed: int = 0  # data and model seed
     fusion_qk_position: str = "none"  # VipaFusionConfig.qk_position of the composed VIPA-VLA ("none": paper)
+    probe_train_clips: int = (
+        300  # synth train clips the 3D probe (phase 9, `training.probe3d`) fits on; 0: off
+    )
     quick: bool = False  # the test-sized run
     standins: dict = field(default_factory=dict)  # StandinConfig overrides
 
@@ -73,13 +79,17 @@ class MainJobConfig:
             VipaFusionConfig(qk_position=self.fusion_qk_position)
         except ValueError as e:
             raise ValueError(f"MainJobConfig.fusion_qk_position: {e}") from e
+        if self.probe_train_clips < 0:
+            raise ValueError(
+                f"MainJobConfig.probe_train_clips: must be >= 0 (0: off), got {self.probe_train_clips}"
+            )
 
     @classmethod
     def quick_config(cls, out: str) -> MainJobConfig:
         """A smoke-test run: a few clips, a few steps, nothing learnt."""
         return cls(
             out=out, num_clips=8, image_size=64, frames=3, num_workers=1, cut3r_clips=3, stage1_steps=2,
-            stage2_steps=2, eval_limit=4, eval_batch_size=4, eval_max_new_tokens=6, quick=True,
+            stage2_steps=2, eval_limit=4, eval_batch_size=4, eval_max_new_tokens=6, probe_train_clips=7, quick=True,
         )  # fmt: skip
 
 
@@ -375,6 +385,27 @@ def _evaluate(
     return result
 
 
+def _probe(cfg: MainJobConfig, stage1_dir: Path, table: dict, out: Path) -> dict:
+    """Phase 9: what the tokens of the stage-1 model carry (linear 3D probe) vs what the answers score."""
+    from training.probe3d import Probe3DConfig, plot_probe, probe_model
+
+    pcfg = Probe3DConfig(
+        num_clips=cfg.num_clips, train_clips=cfg.probe_train_clips, image_size=cfg.image_size,
+        frames=cfg.frames, seed=cfg.seed,
+    )  # fmt: skip
+    try:
+        result = probe_model(str(stage1_dir), pcfg)
+    except ValueError as e:  # e.g. the quick run's few clips: say so in results.json, do not fail the job
+        result = {"skipped": str(e)}
+        _write_json(result, out / "probe3d.json")
+        return result
+    answers = {r["model"]: r for r in table["table8"][1:]}
+    result["answers"] = answers
+    result["plot"] = str(plot_probe(result, out / "probe3d.png", answers))
+    _write_json(result, out / "probe3d.json")
+    return result
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
 
@@ -476,8 +507,16 @@ def run_main_job(cfg: MainJobConfig) -> dict:
             (out / "eval").mkdir(exist_ok=True)
             _evaluate(cfg, data, names, stage2, out / "eval")
     table = json.loads(evaluation.read_text())
+    probe_path = out / "eval" / "probe3d.json"
+    probe = None
+    if cfg.probe_train_clips:
+        with phases.run("9 3D probe of the tokens (training.probe3d)", probe_path.is_file()) as todo:
+            if todo:
+                _probe(cfg, stage1, table, out / "eval")
+        probe = json.loads(probe_path.read_text())
     results = {
         **table,
+        "probe3d": probe,
         "phase_seconds": {k: v.get("seconds") for k, v in phases.times.items()},
         "this_run_seconds": round(time.time() - t_start, 1),
         "stand_ins": {
@@ -504,6 +543,17 @@ def run_main_job(cfg: MainJobConfig) -> dict:
             f"\nStage-2 trajectories (Hand3D-action test): waypoint error {m.get('motion_waypoint_error_m')} m, "
             f"final error {m.get('motion_final_error_m')} m, decodable {m.get('motion_decodable_fraction')}"
         )
+    if probe and "rows" in probe:
+        from training.probe3d import format_probe_table
+
+        print(
+            "\nWhat the tokens carry: a linear probe of each feature set of VIPA-VLA-PT predicts the 3D centre of"
+            "\nevery object and hand; pairs of them in a test frame are scored like Hand3D answers (pairs of"
+            "\nsegments, not the test questions: compare the rows, not the exact numbers):\n"
+        )
+        print(format_probe_table(probe, probe.get("answers")))
+    elif probe:
+        print(f"\n3D probe skipped: {probe['skipped']}")
     print(f"\nresults: {out / 'results.json'}; plots: {table['plots']}", flush=True)
     return results
 
