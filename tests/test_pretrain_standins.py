@@ -56,3 +56,33 @@ def test_standin_vision_positions_refuse_a_tower_without_them() -> None:
     model.model.vision_tower.embeddings.position_embeddings = None
     with pytest.raises(ValueError, match="no absolute position embeddings"):
         init_standin_vision_positions(model)
+
+
+def test_token_point_loss_by_hand() -> None:
+    """Patch means of the ground-truth points (holes skipped), a hand-set readout, the frame-depth scaling."""
+    from training.pretrain_standins import token_point_loss
+
+    rng = np.random.default_rng(0)
+    S, g = 4, 2  # a 4 x 4 pointmap, 2 x 2 patches of 2 x 2 px
+    pts = rng.uniform(0.5, 1.5, size=(1, 1, S, S, 3))
+    pts[0, 0, 0, 0] = np.nan  # a hole in patch 0
+    pts[0, 0, 2:, 2:] = np.nan  # patch 3 has no depth at all: it is left out
+    tokens = rng.normal(size=(1, 1, g * g, 5))
+    readout = torch.nn.Linear(5, 3)
+    loss, err = token_point_loss(
+        torch.tensor(tokens, dtype=torch.float32), readout, torch.tensor(pts, dtype=torch.float32)
+    )
+    W, b = readout.weight.detach().double().numpy(), readout.bias.detach().double().numpy()
+    valid = np.isfinite(pts[0, 0]).all(-1)
+    z_mean = pts[0, 0][valid][:, 2].mean()
+    errs = []
+    for k, (r, c) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        block = pts[0, 0, 2 * r : 2 * r + 2, 2 * c : 2 * c + 2].reshape(-1, 3)
+        target = block[np.isfinite(block).all(-1)].mean(0)
+        errs.append(np.linalg.norm(tokens[0, 0, k] @ W.T + b - target) / z_mean)
+    assert float(loss) == pytest.approx(np.mean(errs), rel=1e-5)
+    assert float(err) == pytest.approx(float(loss))
+    loss.backward()
+    assert readout.weight.grad is not None and torch.isfinite(readout.weight.grad).all()
+    with pytest.raises(ValueError, match="do not tile"):
+        token_point_loss(torch.zeros(1, 1, 3, 5), readout, torch.tensor(pts, dtype=torch.float32))

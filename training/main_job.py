@@ -2,7 +2,7 @@
 the pretrained parts, run the paper's pretraining stages 1 and 2, evaluate on the Hand3D test split, print a
 table shaped like the paper's Table 8, write plots and `results.json`, then serve the Space.
 
-    python -m training.main_job                      # outputs/demo, ~13 min on 2 CPU cores, then serves
+    python -m training.main_job                      # outputs/demo, ~15 min on 2 CPU cores, then serves
     python -m training.main_job --quick --no-serve   # seconds-long smoke run (tests)
 
 Phases, each writing its outputs atomically (a temporary folder renamed, or a marker file written last) and
@@ -10,7 +10,8 @@ skipped when already complete, so an interrupted run continues where it stopped:
 
 1. `hand3d/`: synth Hand3D (`hand3d build`; the builder resumes by shard).
 2. `standins/init/`: tokenizer (BPE on the train texts), processor and the random stand-in VIPA model.
-3. `standins/cut3r/`: the CUT3R STAND-IN, pointmap regression from rendered metric depth (synth train clips).
+3. `standins/cut3r/`: the CUT3R STAND-IN, pointmap regression from rendered metric depth (synth train clips),
+   plus a linear 3D readout of its patch tokens (`pretrain_standins.token_point_loss`).
 4. `single_encoder/`: the semantic backbone STAND-IN (tiny InternVL, 3D branch off), trained on Hand3D-visual
    train plus a dense "name what each image token shows" loss on the same train frames (`training.dense_names`,
    the stand-in for InternVL's grounding pretraining): Table 8's "single-encoder model trained with Hand3D".
