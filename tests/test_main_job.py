@@ -112,6 +112,10 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
             and np.isfinite(row["distance_error_m"])
         )
     assert "linear probe of V_spa" in stdout
+    ablation = probe["branch_ablation"]
+    assert ablation["n_rows"] == 4 and ablation["answer_tokens"] > 0
+    assert set(ablation["nll_per_token"]) == {"as trained", "V_spa zeroed", "3D branch off (alpha = 0)"}
+    assert "What the answers use" in stdout
     for png in ("eval/figure8.png", "eval/probe3d.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
 

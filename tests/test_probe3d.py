@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from hand3d_dataset.clip import HAND_SEGMENT, Clip, HandTrack, ObjectTrack
 from training.probe3d import Probe3DConfig, cell_cover, fit_ridge, frame_pairs, pair_scores, segment_centres
@@ -93,3 +94,71 @@ def test_config_errors_name_the_field():
         Probe3DConfig(train_clips=0)
     with pytest.raises(ValueError, match="Probe3DConfig.lambdas"):
         Probe3DConfig(lambdas=(1.0, -1.0))
+
+
+def _tiny_model_and_row():
+    from PIL import Image
+
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+    from training.pretrain_standins import (
+        StandinConfig,
+        build_standin_processor,
+        build_standin_tokenizer,
+        standin_vipa_config,
+    )
+
+    answer = "It is left and forward, roughly 0.40 m from the red can."
+    cfg = StandinConfig.quick()
+    tok = build_standin_tokenizer(["Where is the red can? " + answer] * 4, cfg.vocab_size)
+    processor = build_standin_processor(cfg, tok)
+    torch.manual_seed(0)
+    model = VipaForConditionalGeneration(standin_vipa_config(cfg, tok)).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    row = {
+        "images": [image],
+        "messages": [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": "Where is the red can?"}],
+            },
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+    return model, processor, row, answer
+
+
+def test_answer_nll_scores_exactly_the_answer_tokens_and_ablates_the_branch():
+    from training.probe3d import ABLATIONS, answer_nll, branch_ablation
+
+    model, processor, row, answer = _tiny_model_and_row()
+    answer_ids = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
+    nll, n = answer_nll(model, processor, row)
+    assert n == len(answer_ids)
+    # by hand: the answer is the last tokens before the template's trailing newline; sum their -log p
+    batch = processor(
+        images=[row["images"]], text=[processor.apply_chat_template(row["messages"])], return_tensors="pt"
+    )
+    ids = batch["input_ids"][0].tolist()
+    start = max(i for i in range(len(ids)) if ids[i : i + len(answer_ids)] == answer_ids)
+    with torch.no_grad():
+        logp = torch.log_softmax(model(**batch).logits[0].double(), -1)
+    expected = -sum(float(logp[start + k - 1, t]) for k, t in enumerate(answer_ids))
+    assert nll == pytest.approx(expected, rel=1e-4)
+    # a fresh fusion (alpha = 0.5) changes the answer's NLL when V_spa is zeroed or the branch is off,
+    # and alpha is restored afterwards
+    alpha = float(model.model.fusion.alpha.detach())
+    scores = {name: answer_nll(model, processor, row, name)[0] for name in ABLATIONS}
+    assert scores["V_spa zeroed"] != pytest.approx(scores["as trained"], rel=1e-6)
+    assert scores["3D branch off (alpha = 0)"] != pytest.approx(scores["as trained"], rel=1e-6)
+    assert float(model.model.fusion.alpha.detach()) == alpha
+    # with the branch off, what CUT3R says cannot matter: all three agree
+    with torch.no_grad():
+        model.model.fusion.alpha.zero_()
+    res = branch_ablation(model, processor, [row, row])
+    assert res["n_rows"] == 2 and res["answer_tokens"] == 2 * n
+    values = list(res["nll_per_token"].values())
+    assert values == pytest.approx([values[0]] * 3, rel=1e-6)
+    with pytest.raises(ValueError, match="last message must be the assistant"):
+        answer_nll(model, processor, {"images": row["images"], "messages": row["messages"][:1]})
+    with pytest.raises(ValueError, match="spatial: expected one of"):
+        answer_nll(model, processor, row, "no 3D")

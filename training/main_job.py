@@ -23,7 +23,8 @@ skipped when already complete, so an interrupted run continues where it stopped:
    `results.json`, `figure8.png`, `figure9.png`.
 9. `eval/probe3d.json`, `probe3d.png`: what the tokens carry (`training.probe3d`): a linear probe of V_sem,
    V_spa, V_f and the LLM input of VIPA-VLA-PT for the 3D centres of objects and hands, scored on test-frame
-   pairs like Hand3D answers, next to the answers' scores (perception vs reading).
+   pairs like Hand3D answers, next to the answers' scores (perception vs reading); and the answers' NLL on
+   test rows with the 3D branch as trained, with V_spa zeroed and with alpha = 0 (does the fusion matter?).
 
 A fair comparison: the single-encoder model and VIPA-VLA share the same backbone and the same Hand3D-visual
 training steps; VIPA-VLA then trains only its fusion layer (stage 1), never the backbone.
@@ -67,9 +68,8 @@ class MainJobConfig:
     eval_max_new_tokens: int = 48  # answer tokens generated per visual question (answers use ~20-35)
     seed: int = 0  # data and model seed
     fusion_qk_position: str = "none"  # VipaFusionConfig.qk_position of the composed VIPA-VLA ("none": paper)
-    probe_train_clips: int = (
-        300  # synth train clips the 3D probe (phase 9, `training.probe3d`) fits on; 0: off
-    )
+    probe_train_clips: int = 300  # train clips the phase-9 probe (training.probe3d) fits on; 0: phase 9 off
+    ablation_rows: int = 200  # test rows (evenly spaced) of phase 9's 3D-branch ablation of the answers
     quick: bool = False  # the test-sized run
     standins: dict = field(default_factory=dict)  # StandinConfig overrides
 
@@ -80,6 +80,8 @@ class MainJobConfig:
             VipaFusionConfig(qk_position=self.fusion_qk_position)
         except ValueError as e:
             raise ValueError(f"MainJobConfig.fusion_qk_position: {e}") from e
+        if self.ablation_rows < 1:
+            raise ValueError(f"MainJobConfig.ablation_rows: must be >= 1, got {self.ablation_rows}")
         if self.probe_train_clips < 0:
             raise ValueError(
                 f"MainJobConfig.probe_train_clips: must be >= 0 (0: off), got {self.probe_train_clips}"
@@ -90,7 +92,7 @@ class MainJobConfig:
         """A smoke-test run: a few clips, a few steps, nothing learnt."""
         return cls(
             out=out, num_clips=8, image_size=64, frames=3, num_workers=1, cut3r_clips=3, stage1_steps=2,
-            stage2_steps=2, eval_limit=4, eval_batch_size=4, eval_max_new_tokens=6, probe_train_clips=7, quick=True,
+            stage2_steps=2, eval_limit=4, eval_batch_size=4, eval_max_new_tokens=6, probe_train_clips=7, ablation_rows=4, quick=True,
         )  # fmt: skip
 
 
@@ -386,23 +388,28 @@ def _evaluate(
     return result
 
 
-def _probe(cfg: MainJobConfig, stage1_dir: Path, table: dict, out: Path) -> dict:
-    """Phase 9: what the tokens of the stage-1 model carry (linear 3D probe) vs what the answers score."""
-    from training.probe3d import Probe3DConfig, plot_probe, probe_model
+def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, table: dict, out: Path) -> dict:
+    """Phase 9: what the tokens of the stage-1 model carry (linear 3D probe), what its answers use (the 3D
+    branch ablated on test answers), next to what the answers score."""
+    from training.common import load_hand3d_split, load_model_and_processor
+    from training.probe3d import Probe3DConfig, branch_ablation, plot_probe, probe_model
 
+    model, processor = load_model_and_processor(stage1_dir)
     pcfg = Probe3DConfig(
         num_clips=cfg.num_clips, train_clips=cfg.probe_train_clips, image_size=cfg.image_size,
         frames=cfg.frames, seed=cfg.seed,
     )  # fmt: skip
     try:
-        result = probe_model(str(stage1_dir), pcfg)
+        result = probe_model(model, pcfg, processor)
     except ValueError as e:  # e.g. the quick run's few clips: say so in results.json, do not fail the job
         result = {"skipped": str(e)}
-        _write_json(result, out / "probe3d.json")
-        return result
-    answers = {r["model"]: r for r in table["table8"][1:]}
-    result["answers"] = answers
-    result["plot"] = str(plot_probe(result, out / "probe3d.png", answers))
+    test = load_hand3d_split(data_dir, "visual", "test")
+    step = max(1, len(test) // cfg.ablation_rows)
+    rows = test.select(range(0, len(test), step)[: cfg.ablation_rows])
+    result["branch_ablation"] = branch_ablation(model, processor, rows)
+    result["answers"] = {r["model"]: r for r in table["table8"][1:]}
+    if "rows" in result:
+        result["plot"] = str(plot_probe(result, out / "probe3d.png", result["answers"]))
     _write_json(result, out / "probe3d.json")
     return result
 
@@ -513,7 +520,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     if cfg.probe_train_clips:
         with phases.run("9 3D probe of the tokens (training.probe3d)", probe_path.is_file()) as todo:
             if todo:
-                _probe(cfg, stage1, table, out / "eval")
+                _probe(cfg, data, stage1, table, out / "eval")
         probe = json.loads(probe_path.read_text())
     results = {
         **table,
@@ -555,6 +562,13 @@ def run_main_job(cfg: MainJobConfig) -> dict:
         print(format_probe_table(probe, probe.get("answers")))
     elif probe:
         print(f"\n3D probe skipped: {probe['skipped']}")
+    if probe:
+        a = probe["branch_ablation"]
+        nll = "; ".join(f"{k} {v:.5f}" for k, v in a["nll_per_token"].items())
+        print(
+            f"\nWhat the answers use: per-token NLL of VIPA-VLA-PT's {a['answer_tokens']} answer tokens on "
+            f"{a['n_rows']} test rows: {nll}"
+        )
     print(f"\nresults: {out / 'results.json'}; plots: {table['plots']}", flush=True)
     return results
 

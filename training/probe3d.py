@@ -265,7 +265,9 @@ def probe_features(
     ratio = model.config.internvl_config.downsample_ratio
     feats: dict[str, list[np.ndarray]] = {k: [] for k in FEATURE_SETS}
     centres, direct, frame_ids, clip_ids = [], [], [], []
+    first_frame = 0  # frame ids run over all clips' frames
     for c, clip in enumerate(clips):
+        first_frame += clip.num_frames
         segments = segment_centres(clip, min_pixels)
         if not segments:
             continue
@@ -278,7 +280,7 @@ def probe_features(
                 w = _token_cover(mask, tokens.shape[1], grid, ratio)
                 feats[k].append(w @ tokens[f] / w.sum())
             centres.append(centre)
-            frame_ids.append(c * 1000 + f)
+            frame_ids.append(first_frame - clip.num_frames + f)
             clip_ids.append(c)
     if not centres:
         raise ValueError(f"clips: no segment with >= {min_pixels} px of depth; nothing to probe")
@@ -289,6 +291,79 @@ def probe_features(
         np.array(frame_ids),
         np.array(clip_ids),
     )
+
+
+# ---- what the answers use: the 3D branch ablated -----------------------------------------------------------------
+ABLATIONS = ("as trained", "V_spa zeroed", "3D branch off (alpha = 0)")
+
+
+def answer_nll(model: Any, processor: Any, row: dict, spatial: str = "as trained") -> tuple[float, int]:
+    """Summed negative log-likelihood of a Hand3D row's last assistant answer (its tokens up to and including
+    `<|im_end|>`) given the prompt and images, and the number of those tokens.
+
+    spatial: "as trained"; "V_spa zeroed" (the fusion sees zero CUT3R tokens); "3D branch off (alpha = 0)".
+    """
+    if spatial not in ABLATIONS:
+        raise ValueError(f"spatial: expected one of {ABLATIONS}, got {spatial!r}")
+    messages = row["messages"]
+    if not messages or messages[-1]["role"] != "assistant":
+        raise ValueError("row: the last message must be the assistant's answer")
+    images = row["images"]
+    full = processor(images=[images], text=[processor.apply_chat_template(messages)], return_tensors="pt")
+    prompt_text = processor.apply_chat_template(messages[:-1], add_generation_prompt=True)
+    n_prompt = processor(images=[images], text=[prompt_text], return_tensors="pt")["input_ids"].shape[1]
+    ids = full["input_ids"][0]
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    stops = (ids[n_prompt:] == end).nonzero()
+    n_end = n_prompt + (int(stops[0]) + 1 if len(stops) else len(ids) - n_prompt)
+    labels = torch.full_like(full["input_ids"], -100)
+    labels[0, n_prompt:n_end] = ids[n_prompt:n_end]
+    inputs = {k: v for k, v in full.items() if k != "labels"}
+    fusion = model.model.fusion
+    alpha = fusion.alpha.detach().clone()
+    with torch.no_grad():
+        if spatial == "V_spa zeroed":
+            tokens = model.model.spatial_encoder(
+                inputs["spatial_pixel_values"],
+                frame_mask=inputs["spatial_frame_mask"].bool(),
+                return_heads=False,
+            ).tokens
+            inputs["spatial_tokens"] = torch.zeros_like(tokens)
+            del inputs["spatial_pixel_values"]
+        if spatial == "3D branch off (alpha = 0)":
+            fusion.alpha.zero_()
+        try:
+            logits = model(**inputs).logits[0, :-1].float()
+        finally:
+            fusion.alpha.copy_(alpha)
+    target = labels[0, 1:]
+    keep = target != -100
+    nll = F.cross_entropy(logits[keep], target[keep], reduction="sum")
+    return float(nll), int(keep.sum())
+
+
+def branch_ablation(model: Any, processor: Any, rows: Iterable[dict]) -> dict[str, Any]:
+    """Per-token answer NLL over `rows` with the 3D branch as trained, with V_spa zeroed and with alpha = 0.
+
+    If the fusion passes on what CUT3R measures, zeroing V_spa raises the NLL; if it does not, the three are
+    about equal (and a freshly initialised fusion that stage 1 could not make useful is slightly worse than
+    alpha = 0). Returns {"n_rows", "answer_tokens", "nll_per_token": {ablation: float}}.
+    """
+    model.eval()
+    sums, count, n_rows = dict.fromkeys(ABLATIONS, 0.0), 0, 0
+    for row in rows:
+        for name in ABLATIONS:
+            nll, n = answer_nll(model, processor, row, name)
+            sums[name] += nll
+        count += n
+        n_rows += 1
+    if not count:
+        raise ValueError("rows: no answer tokens to score")
+    return {
+        "n_rows": n_rows,
+        "answer_tokens": count,
+        "nll_per_token": {k: v / count for k, v in sums.items()},
+    }
 
 
 def _synth_clips(cfg: Probe3DConfig, test: bool, limit: int | None, desc: str) -> Iterable[Clip]:
