@@ -15,11 +15,17 @@ a held-out fifth of them) and scored on test clips. Each pair of segments in a t
 displacement, scored like a Hand3D answer: per-axis labels (`language.direction_labels`), direction score out
 of 3, and |distance error| in metres. A `constant` row (the train mean displacement's labels and mean
 distance) is the floor. If a linear readout of `V_sem` already scores far above the model's answers, the LLM
-(not the encoders) limits the answers; if `V_spa` adds nothing over `V_sem`, the fusion has nothing to add.
+(not the encoders) limits the answers; if `V_spa` adds nothing over `V_sem`, the fusion has nothing to add;
+if `V_spa` beats `V_sem` but `V_f` does not, the fusion does not pass it on. `CUT3R pointmap (no probe)` scores
+CUT3R's own pointmap, and `V_sem + V_spa` is all a fusion could pass on linearly.
 
-    from training.probe3d import Probe3DConfig, probe_model
+`branch_ablation` looks from the answers' side: the per-token NLL of Hand3D answers with the 3D branch as
+trained, with V_spa zeroed, and with alpha = 0 (if zeroing V_spa does not raise it, the answers ignore CUT3R).
+
+    from training.probe3d import Probe3DConfig, branch_ablation, format_probe_table, probe_model
     result = probe_model("outputs/demo/runs/stage1", Probe3DConfig(num_clips=1500))
     print(format_probe_table(result))
+    # branch_ablation(model, processor, test_rows)["nll_per_token"]: as trained / V_spa zeroed / alpha = 0
     # or: python -m training.probe3d --model outputs/demo/runs/stage1 --num-clips 1500 --out outputs/probe
 """
 
@@ -55,6 +61,8 @@ __all__ = [
     "probe_model",
     "format_probe_table",
     "plot_probe",
+    "answer_nll",
+    "branch_ablation",
 ]
 
 FEATURE_SETS = ("V_sem", "V_spa", "V_f", "LLM input")
