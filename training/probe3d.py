@@ -238,7 +238,7 @@ def clip_features(
         cut3r = inner.spatial_encoder(spatial[None], frame_mask=mask)
         V_spa = cut3r.tokens[0]
         V_f = inner.fusion(V_sem, V_spa, spatial_grid=grid_s)
-        llm = inner.get_image_features(pixel_values, spatial[None], mask)
+        llm = inner.get_image_features(pixel_values, None, mask, spatial_tokens=cut3r.tokens)
     g = round(V_sem.shape[1] ** 0.5)
     features = {
         "V_sem": (V_sem.float().numpy(), (g, g)),
@@ -305,39 +305,41 @@ def probe_features(
 ABLATIONS = ("as trained", "V_spa zeroed", "3D branch off (alpha = 0)")
 
 
-def answer_nll(model: Any, processor: Any, row: dict, spatial: str = "as trained") -> tuple[float, int]:
-    """Summed negative log-likelihood of a Hand3D row's last assistant answer (its tokens up to and including
-    `<|im_end|>`) given the prompt and images, and the number of those tokens.
-
-    spatial: "as trained"; "V_spa zeroed" (the fusion sees zero CUT3R tokens); "3D branch off (alpha = 0)".
-    """
-    if spatial not in ABLATIONS:
-        raise ValueError(f"spatial: expected one of {ABLATIONS}, got {spatial!r}")
+def _answer_batch(processor: Any, row: dict) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Model inputs of a Hand3D row (one sample) and labels on its last answer: the tokens after the prompt up
+    to and including `<|im_end|>` (the template's trailing newline carries no loss, as in training)."""
     messages = row["messages"]
     if not messages or messages[-1]["role"] != "assistant":
         raise ValueError("row: the last message must be the assistant's answer")
     images = row["images"]
-    full = processor(images=[images], text=[processor.apply_chat_template(messages)], return_tensors="pt")
+    inputs = dict(
+        processor(images=[images], text=[processor.apply_chat_template(messages)], return_tensors="pt")
+    )
     prompt_text = processor.apply_chat_template(messages[:-1], add_generation_prompt=True)
     n_prompt = processor(images=[images], text=[prompt_text], return_tensors="pt")["input_ids"].shape[1]
-    ids = full["input_ids"][0]
+    ids = inputs["input_ids"][0]
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     stops = (ids[n_prompt:] == end).nonzero()
     n_end = n_prompt + (int(stops[0]) + 1 if len(stops) else len(ids) - n_prompt)
-    labels = torch.full_like(full["input_ids"], -100)
+    labels = torch.full_like(inputs["input_ids"], -100)
     labels[0, n_prompt:n_end] = ids[n_prompt:n_end]
-    inputs = {k: v for k, v in full.items() if k != "labels"}
+    return inputs, labels
+
+
+def _nll(
+    model: Any, inputs: dict[str, torch.Tensor], labels: torch.Tensor, spatial: str
+) -> tuple[float, int]:
+    if spatial not in ABLATIONS:
+        raise ValueError(f"spatial: expected one of {ABLATIONS}, got {spatial!r}")
+    inputs = dict(inputs)
     fusion = model.model.fusion
     alpha = fusion.alpha.detach().clone()
+    if spatial == "V_spa zeroed":  # CUT3R's token layout (pose token + patches), all zeros, CUT3R not run
+        pixels = inputs.pop("spatial_pixel_values")
+        cfg = model.config.spatial_config
+        n = 1 + (pixels.shape[-2] // cfg.patch_size) * (pixels.shape[-1] // cfg.patch_size)
+        inputs["spatial_tokens"] = pixels.new_zeros(*pixels.shape[:2], n, cfg.hidden_size)
     with torch.no_grad():
-        if spatial == "V_spa zeroed":
-            tokens = model.model.spatial_encoder(
-                inputs["spatial_pixel_values"],
-                frame_mask=inputs["spatial_frame_mask"].bool(),
-                return_heads=False,
-            ).tokens
-            inputs["spatial_tokens"] = torch.zeros_like(tokens)
-            del inputs["spatial_pixel_values"]
         if spatial == "3D branch off (alpha = 0)":
             fusion.alpha.zero_()
         try:
@@ -346,8 +348,18 @@ def answer_nll(model: Any, processor: Any, row: dict, spatial: str = "as trained
             fusion.alpha.copy_(alpha)
     target = labels[0, 1:]
     keep = target != -100
-    nll = F.cross_entropy(logits[keep], target[keep], reduction="sum")
-    return float(nll), int(keep.sum())
+    return float(F.cross_entropy(logits[keep], target[keep], reduction="sum")), int(keep.sum())
+
+
+def answer_nll(model: Any, processor: Any, row: dict, spatial: str = "as trained") -> tuple[float, int]:
+    """Summed negative log-likelihood of a Hand3D row's last assistant answer (its tokens up to and including
+    `<|im_end|>`) given the prompt and images, and the number of those tokens.
+
+    spatial: "as trained"; "V_spa zeroed" (the fusion sees zero CUT3R tokens); "3D branch off (alpha = 0)".
+    """
+    if spatial not in ABLATIONS:
+        raise ValueError(f"spatial: expected one of {ABLATIONS}, got {spatial!r}")
+    return _nll(model, *_answer_batch(processor, row), spatial)
 
 
 def branch_ablation(model: Any, processor: Any, rows: Iterable[dict]) -> dict[str, Any]:
@@ -360,8 +372,9 @@ def branch_ablation(model: Any, processor: Any, rows: Iterable[dict]) -> dict[st
     model.eval()
     sums, count, n_rows = dict.fromkeys(ABLATIONS, 0.0), 0, 0
     for row in rows:
+        inputs, labels = _answer_batch(processor, row)  # once per row, scored three ways
         for name in ABLATIONS:
-            nll, n = answer_nll(model, processor, row, name)
+            nll, n = _nll(model, inputs, labels, name)
             sums[name] += nll
         count += n
         n_rows += 1
