@@ -185,16 +185,9 @@ def _synth_train_clips(cfg: MainJobConfig, limit: int | None, desc: str) -> Iter
 
     The build's split rule by clip position: nothing of a test clip ever teaches a stand-in.
     """
-    from tqdm.auto import tqdm
+    from training.probe3d import synth_split_clips
 
-    from hand3d_dataset.build import is_test_clip
-    from hand3d_dataset.sources.synth import SynthSource
-
-    source = SynthSource(
-        num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
-    )
-    ids = [c for i, c in enumerate(source.clip_ids()) if not is_test_clip(i, 0.1)][:limit]
-    return (source.load_clip(c) for c in tqdm(ids, desc=desc, unit="clip"))
+    return synth_split_clips(cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, False, limit, desc)
 
 
 def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> dict:

@@ -35,7 +35,7 @@ import argparse
 import itertools
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,7 @@ __all__ = [
     "plot_probe",
     "answer_nll",
     "branch_ablation",
+    "synth_split_clips",
 ]
 
 FEATURE_SETS = ("V_sem", "V_spa", "V_f", "LLM input")
@@ -357,8 +358,6 @@ def answer_nll(model: Any, processor: Any, row: dict, spatial: str = "as trained
 
     spatial: "as trained"; "V_spa zeroed" (the fusion sees zero CUT3R tokens); "3D branch off (alpha = 0)".
     """
-    if spatial not in ABLATIONS:
-        raise ValueError(f"spatial: expected one of {ABLATIONS}, got {spatial!r}")
     return _nll(model, *_answer_batch(processor, row), spatial)
 
 
@@ -387,17 +386,23 @@ def branch_ablation(model: Any, processor: Any, rows: Iterable[dict]) -> dict[st
     }
 
 
-def _synth_clips(cfg: Probe3DConfig, test: bool, limit: int | None, desc: str) -> Iterable[Clip]:
+def synth_split_clips(
+    num_clips: int, seed: int, image_size: int, num_frames: int, test: bool, limit: int | None, desc: str
+) -> Iterator[Clip]:
+    """The synth clips of one split of a build (`num_clips`, `seed`), rendered again with depth and
+    segmentation (which Hand3D rows lack), by the build's split rule (`is_test_clip`), first `limit` only."""
     from tqdm.auto import tqdm
 
     from hand3d_dataset.build import is_test_clip
     from hand3d_dataset.sources.synth import SynthSource
 
-    source = SynthSource(
-        num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
-    )
+    source = SynthSource(num_clips=num_clips, seed=seed, image_size=image_size, num_frames=num_frames)
     ids = [c for i, c in enumerate(source.clip_ids()) if is_test_clip(i, 0.1) == test][:limit]
     return (source.load_clip(c) for c in tqdm(ids, desc=desc, unit="clip"))
+
+
+def _synth_clips(cfg: Probe3DConfig, test: bool, limit: int | None, desc: str) -> Iterator[Clip]:
+    return synth_split_clips(cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, test, limit, desc)
 
 
 def probe_model(model_or_dir: Any, cfg: Probe3DConfig | None = None, processor: Any = None) -> dict[str, Any]:
