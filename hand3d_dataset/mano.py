@@ -13,10 +13,10 @@ licensed and not shipped (https://mano.is.tue.mpg.de); with one at hand:
     >>> joints = layer.forward_joints(torch.zeros(2, 3), torch.zeros(2, 12))   # (2, 21, 3), no full mesh
     >>> fit = fit_mano_to_joints(layer, out.joints)           # fit.residual_mm, fit.flagged
 
-Official `.pkl` files are pickles (Python 2, partly chumpy objects). They are read with a restricted
-unpickler that rebuilds numpy arrays, scipy.sparse matrices and chumpy arrays as plain arrays and
-refuses every other global, so a tampered file cannot run code; `hand3d convert-mano SRC DST`
-(`convert_mano`) writes a pickle-free `.npz` once.
+Official `.pkl` files are pickles (Python 2, partly chumpy objects). They are read with the restricted
+unpickler of `hand3d_dataset.safe_pickle`, which rebuilds numpy arrays, scipy.sparse matrices and chumpy
+arrays as plain arrays and refuses every other global, so a tampered file cannot run code;
+`hand3d convert-mano SRC DST` (`convert_mano`) writes a pickle-free `.npz` once.
 
 Fingertips: MANO has no fingertip joints, so one mesh vertex per finger stands in for each tip, and
 two conventions are in use (thumb, index, middle, ring, pinky):
@@ -34,9 +34,7 @@ blend shapes, have the wrong sign); like smplx, `load_mano_model` keeps the arra
 from __future__ import annotations
 
 import copy
-import io
 import math
-import pickle
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -45,7 +43,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from hand3d_dataset import safe_pickle
 from hand3d_dataset._checks import as_array, check_shape
+from hand3d_dataset.safe_pickle import PickledStandIn
 
 # OpenPose order from MANO's 16 joints followed by the 5 fingertip vertices (thumb, index, middle,
 # ring, pinky). MANO joints: 0 wrist, 1-3 index, 4-6 middle, 7-9 pinky, 10-12 ring, 13-15 thumb.
@@ -105,99 +105,22 @@ class ManoModelData:
     faces: np.ndarray  # (1538, 3) int64 triangle vertex ids
 
 
-class _PickledStandIn:
-    """Inert stand-in for a class a MANO pickle may reference only as an array container.
-
-    It keeps the pickled state and nothing else, so unpickling never runs the real class's code.
-    """
-
-    origin = ""  # "module.name" of the class the pickle referenced
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> _PickledStandIn:
-        obj = object.__new__(cls)
-        obj.state = None
-        return obj
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def __setstate__(self, state: Any) -> None:
-        self.state = state
-
-
 _SPARSE_NAMES = {"csc_matrix", "csr_matrix", "coo_matrix", "csc_array", "csr_array", "coo_array"}
 
 
-def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
-    # numpy's own _reconstruct instantiates whatever subtype it is given; only plain ndarrays here.
-    if subtype is not np.ndarray:
-        raise ValueError(f"refusing to rebuild an array of type {subtype!r}; only numpy.ndarray is allowed")
-    return np.ndarray.__new__(np.ndarray, shape, dtype)
+def _mano_stand_in(module: str, name: str) -> bool:
+    """Classes a MANO pickle may reference as array containers: chumpy objects and scipy.sparse matrices."""
+    is_chumpy = module == "chumpy" or module.startswith("chumpy.")
+    return is_chumpy or (module.startswith("scipy.sparse") and name in _SPARSE_NAMES)
 
 
-def _copyreg_reconstructor(cls: Any, base: Any, state: Any) -> Any:
-    # Protocol 0/1 pickles rebuild plain objects through copyreg; only our inert stand-ins qualify.
-    if isinstance(cls, type) and issubclass(cls, _PickledStandIn) and base is object and state is None:
-        return cls.__new__(cls)
-    raise ValueError(f"refusing copyreg._reconstructor for {cls!r}; only chumpy/scipy.sparse stand-ins")
+_MANO_WHAT = (
+    "a MANO model file may only contain numpy arrays, scipy.sparse matrices and chumpy arrays (the file "
+    "is not a MANO model or has been tampered with)"
+)
 
 
-def _latin1_encode(obj: Any, encoding: str = "utf-8") -> bytes:
-    # Python 3 writes bytes as _codecs.encode(str, "latin1") at protocols < 3.
-    if not isinstance(obj, str) or encoding.lower() not in ("latin1", "latin-1"):
-        raise ValueError(f"refusing _codecs.encode({type(obj).__name__}, {encoding!r}); only latin1 strings")
-    return obj.encode("latin1")
-
-
-def _safe_globals() -> dict[tuple[str, str], Any]:
-    multiarray = np._core.multiarray
-    table: dict[tuple[str, str], Any] = {
-        ("numpy", "ndarray"): np.ndarray,
-        ("numpy", "dtype"): np.dtype,
-        ("_codecs", "encode"): _latin1_encode,
-    }
-    # Python 2 / numpy 1 pickles name numpy.core and __builtin__ / copy_reg; numpy 2 names numpy._core.
-    for core in ("numpy.core", "numpy._core"):
-        table[(f"{core}.multiarray", "_reconstruct")] = _np_reconstruct
-        table[(f"{core}.multiarray", "scalar")] = multiarray.scalar
-        table[(f"{core}.numeric", "_frombuffer")] = np._core.numeric._frombuffer
-    for builtins in ("builtins", "__builtin__"):
-        for name, obj in (("set", set), ("frozenset", frozenset), ("object", object), ("complex", complex)):
-            table[(builtins, name)] = obj
-    for copyreg in ("copyreg", "copy_reg"):
-        table[(copyreg, "_reconstructor")] = _copyreg_reconstructor
-    return table
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Rebuilds numpy arrays, scipy.sparse matrices and chumpy arrays; refuses any other global."""
-
-    _safe = _safe_globals()
-    _stand_ins: dict[str, type] = {}
-
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        # latin1: the official files are Python 2 pickles whose numpy buffers are byte strings.
-        super().__init__(file, encoding="latin1")
-        self.source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in self._safe:
-            return self._safe[(module, name)]
-        is_chumpy = module == "chumpy" or module.startswith("chumpy.")
-        is_sparse = module.startswith("scipy.sparse") and name in _SPARSE_NAMES
-        if is_chumpy or is_sparse:
-            origin = f"{module}.{name}"
-            if origin not in self._stand_ins:
-                self._stand_ins[origin] = type(name, (_PickledStandIn,), {"origin": origin})
-            return self._stand_ins[origin]
-        raise ValueError(
-            f"{self.source}: refusing to unpickle global '{module}.{name}'; a MANO model file may only "
-            "contain numpy arrays, scipy.sparse matrices and chumpy arrays (the file is not a MANO model "
-            "or has been tampered with)"
-        )
-
-
-def _state_dict(obj: _PickledStandIn, key: str) -> dict:
+def _state_dict(obj: PickledStandIn, key: str) -> dict:
     state = obj.state
     if isinstance(state, tuple) and len(state) == 2:  # (state, slotstate) from __reduce_ex__
         state = {**(state[0] or {}), **(state[1] or {})}
@@ -208,7 +131,7 @@ def _state_dict(obj: _PickledStandIn, key: str) -> dict:
 
 def _plain(value: Any, key: str) -> Any:
     """Turns unpickled stand-ins into dense numpy arrays; leaves arrays and plain values as they are."""
-    if isinstance(value, _PickledStandIn):
+    if isinstance(value, PickledStandIn):
         state = _state_dict(value, key)
         if value.origin.startswith("chumpy"):
             # A leaf chumpy.Ch keeps its value in `x`; some derived objects carry a cached result `r`.
@@ -246,8 +169,7 @@ def _sparse_to_dense(origin: str, state: dict, key: str) -> np.ndarray:
 def _read_raw(path: Path) -> dict[str, Any]:
     suffix = path.suffix.lower()
     if suffix == ".pkl":
-        with open(path, "rb") as f:
-            raw = _RestrictedUnpickler(f, str(path)).load()
+        raw = safe_pickle.loads(path.read_bytes(), str(path), stand_in=_mano_stand_in, what=_MANO_WHAT)
         if not isinstance(raw, dict):
             raise ValueError(f"{path}: expected a dict of arrays, got {type(raw).__name__}")
         return {str(k): _plain(v, str(k)) for k, v in raw.items()}
