@@ -1,4 +1,4 @@
-"""Cost of the dense name loss (`training.dense_names`) in a backbone stand-in step, measured in one run.
+"""Cost of the dense name loss (`cpu_demo.dense_names`) in a backbone stand-in step, measured in one run.
 
 Same tiny stand-in model (the main job's sizes), 2 threads. Baseline: forward + backward of the LM loss on a
 batch shaped like the main job's (8 samples, 2 frames each, 80 text tokens). Then the dense term alone
@@ -22,12 +22,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration  # noqa: E402
 from tests.hand3d_fake_source import make_clip  # noqa: E402
-from training.dense_names import DenseNameLoss  # noqa: E402
-from training.pretrain_standins import (  # noqa: E402
+from cpu_demo.dense_names import DenseNameLoss  # noqa: E402
+from cpu_demo.standins import (  # noqa: E402
     StandinConfig,
     build_standin_processor,
     build_standin_tokenizer,
-    spatial_branch_skipped,
     standin_vipa_config,
 )
 
@@ -46,7 +45,7 @@ def main() -> None:
     processor = build_standin_processor(cfg, tok)
     torch.manual_seed(0)
     model = VipaForConditionalGeneration(standin_vipa_config(cfg, tok))
-    model.model.fusion.alpha.data.zero_()
+    model.config.use_spatial_branch = False  # the single encoder, as in backbone training
     model.train()
     dense = DenseNameLoss.from_clips(
         [make_clip(i) for i in range(8)], processor, model.config, cfg.dense_batch
@@ -71,20 +70,19 @@ def main() -> None:
     }
 
     def lm() -> torch.Tensor:
-        return model(**inputs).loss  # CUT3R skipped: spatial_branch_skipped below, as in backbone training
+        return model(**inputs).loss  # CUT3R skipped: use_spatial_branch is off, as in backbone training
 
     modes = {"LM loss only (baseline)": lm, "dense term only": lambda: dense(model), "LM + dense": None}
     modes["LM + dense"] = lambda: lm() + cfg.dense_weight * dense(model)
     rows = []
     for name, fn in modes.items():
         times = []
-        with spatial_branch_skipped(model):
-            for i in range(args.repeats + 3):
-                model.zero_grad(set_to_none=True)
-                t0 = time.perf_counter()
-                fn().backward()
-                if i >= 3:
-                    times.append(time.perf_counter() - t0)
+        for i in range(args.repeats + 3):
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fn().backward()
+            if i >= 3:
+                times.append(time.perf_counter() - t0)
         rows.append((name, float(np.median(times))))
     base = rows[0][1]
     print(

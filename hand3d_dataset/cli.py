@@ -73,7 +73,7 @@ def _publish(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from hand3d_dataset.evaluate import evaluate_model_dir
+    from evaluation.hand3d_test import evaluate_model_dir  # the model half lives in evaluation/
 
     result = evaluate_model_dir(
         args.model,

@@ -22,9 +22,25 @@ from pathlib import Path
 
 import datasets
 
-__all__ = ["load_hand3d", "hand3d_cache_dir"]
+__all__ = ["load_hand3d", "hand3d_cache_dir", "CONFIGS", "REQUIRED_COLUMNS"]
 
 CONFIGS = ("visual", "action")
+# The columns of every Hand3D row (DESIGN.md §3; `publish.CONFIGS` holds their features): the one list that
+# training, evaluation and the Space's example export check a folder against before reading it.
+REQUIRED_COLUMNS = {
+    "visual": ("id", "source", "clip_id", "task_type", "images", "messages", "target"),
+    "action": (
+        "id",
+        "source",
+        "clip_id",
+        "task_type",
+        "images",
+        "messages",
+        "target",
+        "trajectory",
+        "motion_ids",
+    ),
+}
 
 
 def hand3d_cache_dir(folder: str | os.PathLike, config: str) -> Path:
@@ -45,12 +61,13 @@ def load_hand3d(
     folder: str | os.PathLike,
     config: str,
     split: str | None = None,
-    required_columns: Sequence[str] = (),
+    required_columns: Sequence[str] | None = None,
 ):
     """`load_dataset(folder, config, split=split)` with a content-keyed cache (see the module docstring).
 
-    required_columns: columns the caller reads; a split without them is refused up front, naming the missing
-    ones, instead of failing later deep inside training or evaluation.
+    required_columns: columns the caller reads (default: all of `REQUIRED_COLUMNS[config]`); a split without
+    them is refused up front, naming the missing ones, instead of failing later deep inside training or
+    evaluation. Pass `()` to check none.
     Every failure (no folder, no data files, no such config or split, missing columns) is a `ValueError`
     naming the folder, config and split.
     """
@@ -58,6 +75,8 @@ def load_hand3d(
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
     if not Path(folder).is_dir():
         raise ValueError(f"folder: no dataset folder at {str(folder)!r} (build one with `hand3d build`)")
+    if required_columns is None:
+        required_columns = REQUIRED_COLUMNS[config]
     cache = hand3d_cache_dir(folder, config)
     try:
         ds = datasets.load_dataset(str(folder), config, split=split, cache_dir=str(cache))

@@ -268,12 +268,18 @@ class VipaConfig(PreTrainedConfig):
     motion_start_token_id: int | None = None  # id of the <motion> delimiter
     motion_end_token_id: int | None = None  # id of the </motion> delimiter
     tie_word_embeddings: bool = True  # lm_head shares the input embedding matrix (Qwen3-1.7B does)
+    # False: the single-encoder model (InternVL alone): CUT3R and the fusion are skipped, V_f = V_sem exactly;
+    # the one switch for "no 3D branch" (the Table 5/7/8 baselines), saved with the checkpoint
+    use_spatial_branch: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         if self.internvl_config is None:
             self.internvl_config = internvl_35_2b_config()
         super().__post_init__(**kwargs)
         _require(self.max_frames > 0, "max_frames", "> 0", self.max_frames)
+        _require(
+            isinstance(self.use_spatial_branch, bool), "use_spatial_branch", "a bool", self.use_spatial_branch
+        )
         vision = self.internvl_config.vision_config
         patches = (vision.image_size[0] // vision.patch_size[0]) * (
             vision.image_size[1] // vision.patch_size[1]

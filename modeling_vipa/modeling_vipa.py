@@ -272,7 +272,7 @@ class VipaModel(VipaPreTrainedModel):
         pixel_values: torch.Tensor,
         spatial_pixel_values: torch.Tensor,
         spatial_frame_mask: torch.Tensor | None = None,
-        use_spatial: bool = True,
+        use_spatial: bool | None = None,
         spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Fused image features in the LLM embedding space.
@@ -280,7 +280,8 @@ class VipaModel(VipaPreTrainedModel):
         Args:
             pixel_values: (F, 3, S, S) InternVL tiles of the real frames, sample-major, time order.
             spatial_pixel_values: (B, T, 3, Hs, Ws) CUT3R inputs; spatial_frame_mask: (B, T) bool.
-            use_spatial: False skips CUT3R and the fusion (the plain InternVL path, for ablations/benchmarks).
+            use_spatial: False skips CUT3R and the fusion (the plain InternVL path: V_f = V_sem exactly);
+                None (default) follows `config.use_spatial_branch`, the single-encoder switch.
             spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens (`Cut3rOutput.tokens`, e.g. from
                 `training.spatial_cache`); when given, CUT3R is not run and spatial_pixel_values may be None.
 
@@ -292,6 +293,8 @@ class VipaModel(VipaPreTrainedModel):
         V_sem = vision.last_hidden_state
         if ivl.vision_feature_select_strategy == "default":
             V_sem = V_sem[:, 1:]  # drop CLS: only patch tokens are pixel-shuffled
+        if use_spatial is None:
+            use_spatial = self.config.use_spatial_branch
         if use_spatial:
             mask = spatial_frame_mask.bool()
             if spatial_tokens is not None:
@@ -323,7 +326,7 @@ class VipaModel(VipaPreTrainedModel):
         spatial_pixel_values: torch.Tensor | None = None,
         spatial_frame_mask: torch.Tensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
-        use_spatial: bool = True,
+        use_spatial: bool | None = None,
         spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Token embeddings with the image placeholders replaced by fused image features, (B, L, d_llm)."""
@@ -362,6 +365,7 @@ class VipaModel(VipaPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         spatial_tokens: torch.Tensor | None = None,
+        use_spatial: bool | None = None,
         **kwargs: Any,
     ) -> BaseModelOutputWithPast:
         """Qwen3 over the prompt with fused image features; inputs as `VipaForConditionalGeneration.forward`.
@@ -375,6 +379,7 @@ class VipaModel(VipaPreTrainedModel):
             spatial_pixel_values,
             spatial_frame_mask,
             inputs_embeds=inputs_embeds,
+            use_spatial=use_spatial,
             spatial_tokens=spatial_tokens,
         )
         return self.language_model(
@@ -441,6 +446,7 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         spatial_tokens: torch.Tensor | None = None,
+        use_spatial: bool | None = None,
         **kwargs: Any,
     ) -> CausalLMOutputWithPast:
         """Causal-LM forward.
@@ -452,6 +458,8 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
                 spatial_frame_mask: (B, T) bool, F = spatial_frame_mask.sum().
             spatial_tokens: (B, T, 1 + N_s, d_s) precomputed CUT3R tokens in place of spatial_pixel_values
                 (stage 1 with a frozen encoder: `training.spatial_cache.SpatialTokenCache`).
+            use_spatial: False runs without the 3D branch (CUT3R and the fusion skipped, V_f = V_sem); None
+                follows `config.use_spatial_branch`.
             labels: (B, L) next-token targets (-100 ignored), shifted inside the loss.
 
         Returns:
@@ -468,6 +476,7 @@ class VipaForConditionalGeneration(VipaPreTrainedModel, GenerationMixin):
             cache=cache,
             use_cache=use_cache,
             spatial_tokens=spatial_tokens,
+            use_spatial=use_spatial,
             **kwargs,
         )
         hidden = outputs.last_hidden_state
@@ -522,7 +531,7 @@ class VipaForActionPrediction(VipaForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         spatial_pixel_values: torch.Tensor | None = None,
         spatial_frame_mask: torch.Tensor | None = None,
-        use_spatial: bool = True,
+        use_spatial: bool | None = None,
         spatial_tokens: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Run the VLM once over prompt + action queries; returns h_cond, (B, Q, d_llm).

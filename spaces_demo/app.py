@@ -50,11 +50,12 @@ import PIL.Image
 import PIL.ImageDraw
 import plotly.graph_objects as go
 import torch
-from transformers import AutoModel, AutoProcessor, LogitsProcessor, LogitsProcessorList
 
+from evaluation.hand3d_test import MotionDecoding
 from hand3d_dataset.cameras import project
 from hand3d_dataset.language import describe_displacement
 from hand3d_dataset.metrics import parse_answer, score_answer
+from training.common import TRAINING_MARKER, load_model_and_processor
 
 try:  # package import (python -m spaces_demo.app) or flat Space layout (python app.py)
     from .examples import DEFAULT_FOVY_DEG, Example, default_intrinsics, load_examples
@@ -75,7 +76,6 @@ __all__ = [
 
 DEFAULT_MODEL = "outputs/demo/vipa"  # the checkpoint `make demo` trains; VIPA_MODEL or --model override it
 MODEL_ENV = "VIPA_MODEL"
-TRAINING_MARKER = "training_summary.json"  # written by training; its absence means "untrained weights"
 EXAMPLES_DIR = Path(__file__).resolve().parent / "examples"
 DEFAULT_HOST = "127.0.0.1"  # loopback unless asked: the demo has no authentication
 DEFAULT_PORT = 7860
@@ -158,37 +158,19 @@ def checkpoint_status(path: str | os.PathLike) -> dict:
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
-    """(model, processor, status) via the Auto classes; `CheckpointNotFoundError` when nothing is there."""
+    """(model, processor, status) through the package's one checkpoint loader with the checkpoint's own code
+    (`trust_remote_code`, as a user of a published checkpoint runs it); `CheckpointNotFoundError` when nothing
+    is there."""
     path = str(path)
     if not Path(path).exists() and not _REPO_ID.match(path):
         raise CheckpointNotFoundError(_missing_message(path))
     try:
-        model = AutoModel.from_pretrained(path, trust_remote_code=True).eval()
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=True)
-    except OSError as e:
+        model, processor = load_model_and_processor(path, remote_code=True)
+    except (OSError, ValueError) as e:
+        if isinstance(e, ValueError) and "config.json" not in str(e):
+            raise
         raise CheckpointNotFoundError(f"{_missing_message(path)} ({e})") from e
-    return model, processor, checkpoint_status(path)
-
-
-class _MotionOnly(LogitsProcessor):
-    """Masks every token but motion bins, and `</motion>` once a whole number of triplets (>= min) exists.
-
-    scores: (B, V); only the generated part (after `prompt_len`) counts towards the triplets.
-    """
-
-    def __init__(self, bin_ids: list[int], end_id: int, prompt_len: int, min_tokens: int, max_tokens: int):
-        self.bins = torch.tensor(bin_ids)
-        self.end_id, self.prompt_len = end_id, prompt_len
-        self.min_tokens, self.max_tokens = min_tokens, max_tokens
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        n = input_ids.shape[1] - self.prompt_len
-        allowed = torch.full_like(scores, float("-inf"))
-        if n < self.max_tokens:
-            allowed[:, self.bins] = 0.0
-        if n % 3 == 0 and n >= self.min_tokens:
-            allowed[:, self.end_id] = 0.0
-        return scores + allowed
+    return model.eval(), processor, checkpoint_status(path)
 
 
 def _error(message: str) -> gr.Error:
@@ -379,22 +361,18 @@ class VipaDemo:
         proc = self.processor
         if not proc.has_motion_tokens:
             raise _error("model: this checkpoint's processor has no motion tokens (stage 2 adds them)")
-        start, end, bins = proc.motion_start_token_id, proc.motion_end_token_id, proc.motion_token_ids
-        text = self._prompt(1, instruction) + proc.tokenizer.convert_ids_to_tokens(start)
+        decoding = MotionDecoding(self.limits.min_waypoints, self.limits.max_waypoints)
+        text = self._prompt(1, instruction) + decoding.prompt_suffix(proc)
         batch = proc(images=[image], text=text, return_tensors="pt")
         prompt_len = batch["input_ids"].shape[1]
-        lim = self.limits
-        only_motion = _MotionOnly(bins, end, prompt_len, 3 * lim.min_waypoints, 3 * lim.max_waypoints)
         with torch.inference_mode():
             out = self.model.generate(
                 **batch,
-                max_new_tokens=3 * lim.max_waypoints + 1,
                 do_sample=False,
-                logits_processor=LogitsProcessorList([only_motion]),
-                eos_token_id=end,
                 pad_token_id=proc.tokenizer.pad_token_id,
+                **decoding.generate_kwargs(proc, prompt_len),
             )
-        ids = [start] + out[0, prompt_len:].tolist()
+        ids = [proc.motion_start_token_id] + out[0, prompt_len:].tolist()
         xyz = proc.decode_motion(ids, strict=False)
         motion_text = "".join(proc.tokenizer.convert_ids_to_tokens(ids))
         return np.asarray(xyz, dtype=np.float64).reshape(-1, 3), motion_text

@@ -1,4 +1,4 @@
-"""Dense name alignment of the backbone stand-in (`training.dense_names`): token regions agree with the model's
+"""Dense name alignment of the backbone stand-in (`cpu_demo.dense_names`): token regions agree with the model's
 own feature layout, targets with a hand-made segmentation, and the loss trains the whole InternVL path."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ import torch
 from hand3d_dataset.clip import HAND_SEGMENT
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 from tests.hand3d_fake_source import make_clip
-from training.dense_names import DenseNameLoss, image_token_regions, token_log_depth, token_name_targets
-from training.pretrain_standins import (
+from cpu_demo.dense_names import DenseNameLoss, image_token_regions, token_log_depth, token_name_targets
+from cpu_demo.standins import (
     StandinConfig,
     build_standin_processor,
     build_standin_tokenizer,

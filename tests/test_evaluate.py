@@ -1,4 +1,4 @@
-"""Hand3D-test evaluation (hand3d_dataset/evaluate.py, `hand3d evaluate`) on a tiny synth Hand3D built by
+"""Hand3D-test evaluation (hand3d_dataset/scoring.py, evaluation/hand3d_test.py, `hand3d evaluate`) on a tiny synth Hand3D built by
 `hand3d build`: ground-truth answers score perfectly, the trivial baseline scores what numpy by hand says,
 motion metrics match numpy on hand-made token texts, and a tiny random model runs end to end through the CLI."""
 
@@ -13,14 +13,14 @@ import PIL.Image
 import pytest
 
 from hand3d_dataset.cli import main
-from hand3d_dataset.evaluate import (
+from evaluation.hand3d_test import evaluate_model
+from hand3d_dataset.atomic import write_json
+from hand3d_dataset.scoring import (
     MOTION_TASK_TYPES,
-    evaluate_model,
     evaluate_predictions,
     load_rows,
     motion_metrics,
     trivial_baseline_predictions,
-    write_json,
 )
 
 AXES = ("x", "y", "z")

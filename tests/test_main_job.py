@@ -1,4 +1,4 @@
-"""The main job (`python -m training.main_job --quick --no-serve`) runs end to end in a fresh process: every
+"""The main job (`python -m cpu_demo.main_job --quick --no-serve`) runs end to end in a fresh process: every
 phase's output exists, the Table-8-shaped table prints, the trivial-baseline row matches a by-hand computation
 from the parquet files, the served checkpoint reloads through the Auto classes in another process and carries
 the Space's "trained" marker, and a second run resumes (every phase skipped). No accuracy is asserted: the
@@ -38,7 +38,7 @@ def _env() -> dict:
 
 
 def _run_job(out: Path) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "training.main_job", "--quick", "--no-serve", "--out", str(out)]
+    cmd = [sys.executable, "-m", "cpu_demo.main_job", "--quick", "--no-serve", "--out", str(out)]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
 
 
@@ -130,7 +130,7 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
         "    m = AutoModel.from_pretrained(path, trust_remote_code=True)\n"
         "    p = AutoProcessor.from_pretrained(path, trust_remote_code=True)\n"
         "    assert type(m).__name__ == 'VipaForConditionalGeneration', type(m)\n"
-        "    print('CKPT', path.split('/')[-1], m.config.num_motion_bins, p.has_motion_tokens, float(m.model.fusion.alpha))\n"
+        "    print('CKPT', path.split('/')[-1], m.config.num_motion_bins, p.has_motion_tokens, m.config.use_spatial_branch)\n"
     )
     check = subprocess.run(
         [sys.executable, "-c", code, str(served), str(out / "single_encoder")],
@@ -139,8 +139,8 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
     assert check.returncode == 0, check.stderr[-3000:]
     lines = {ln.split()[1]: ln.split()[2:] for ln in check.stdout.splitlines() if ln.startswith("CKPT")}
     assert lines["vipa"][:2] == ["1024", "True"], lines  # stage 2 added the motion tokens
-    # the single-encoder checkpoint really has its 3D branch off (alpha = 0: V_f = V_sem) and no motion tokens
-    assert lines["single_encoder"] == ["0", "False", "0.0"], lines
+    # the single-encoder checkpoint really has its 3D branch off (V_f = V_sem) and no motion tokens; VIPA has it
+    assert lines["single_encoder"] == ["0", "False", "False"] and lines["vipa"][2] == "True", lines
 
     # resume: a second run skips every phase and prints the same table
     again = _run_job(out)
@@ -159,7 +159,7 @@ def test_main_job_refuses_other_settings_in_same_folder(tmp_path: Path) -> None:
 
 
 def test_main_job_config_names_a_bad_fusion_option() -> None:
-    from training.main_job import MainJobConfig
+    from cpu_demo.main_job import MainJobConfig
 
     with pytest.raises(ValueError, match="fusion_qk_position.*'rope'"):
         MainJobConfig(fusion_qk_position="rope")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-from training.pretrain_standins import (
+from cpu_demo.standins import (
     StandinConfig,
     build_standin_tokenizer,
     init_standin_vision_positions,
@@ -60,7 +60,7 @@ def test_standin_vision_positions_refuse_a_tower_without_them() -> None:
 
 def test_token_point_loss_by_hand() -> None:
     """Patch means of the ground-truth points (holes skipped), a hand-set readout, the frame-depth scaling."""
-    from training.pretrain_standins import token_point_loss
+    from cpu_demo.standins import token_point_loss
 
     rng = np.random.default_rng(0)
     S, g = 4, 2  # a 4 x 4 pointmap, 2 x 2 patches of 2 x 2 px

@@ -1,4 +1,4 @@
-"""training.probe3d: segment centres, token cover, ridge, pair scoring, each against a hand computation."""
+"""evaluation.probe3d: segment centres, token cover, ridge, pair scoring, each against a hand computation."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from hand3d_dataset.clip import HAND_SEGMENT, Clip, HandTrack, ObjectTrack
-from training.probe3d import Probe3DConfig, cell_cover, fit_ridge, frame_pairs, pair_scores, segment_centres
+from evaluation.probe3d import Probe3DConfig, cell_cover, fit_ridge, frame_pairs, pair_scores, segment_centres
 
 
 def _clip(depth: np.ndarray, seg: np.ndarray, K: np.ndarray) -> Clip:
@@ -100,7 +100,7 @@ def _tiny_model_and_row():
     from PIL import Image
 
     from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-    from training.pretrain_standins import (
+    from cpu_demo.standins import (
         StandinConfig,
         build_standin_processor,
         build_standin_tokenizer,
@@ -128,7 +128,7 @@ def _tiny_model_and_row():
 
 
 def test_answer_nll_scores_exactly_the_answer_tokens_and_ablates_the_branch():
-    from training.probe3d import ABLATIONS, answer_nll, branch_ablation
+    from evaluation.probe3d import ABLATIONS, answer_nll, branch_ablation
 
     model, processor, row, answer = _tiny_model_and_row()
     answer_ids = processor.tokenizer.encode(answer + "<|im_end|>", add_special_tokens=False)
@@ -145,12 +145,17 @@ def test_answer_nll_scores_exactly_the_answer_tokens_and_ablates_the_branch():
     expected = -sum(float(logp[start + k - 1, t]) for k, t in enumerate(answer_ids))
     assert nll == pytest.approx(expected, rel=1e-4)
     # a fresh fusion (alpha = 0.5) changes the answer's NLL when V_spa is zeroed or the branch is off,
-    # and alpha is restored afterwards
+    # and the model is left as it was (weights and switch)
     alpha = float(model.model.fusion.alpha.detach())
     scores = {name: answer_nll(model, processor, row, name)[0] for name in ABLATIONS}
     assert scores["V_spa zeroed"] != pytest.approx(scores["as trained"], rel=1e-6)
     assert scores["3D branch off (alpha = 0)"] != pytest.approx(scores["as trained"], rel=1e-6)
-    assert float(model.model.fusion.alpha.detach()) == alpha
+    assert float(model.model.fusion.alpha.detach()) == alpha and model.config.use_spatial_branch
+    assert answer_nll(model, processor, row)[0] == pytest.approx(scores["as trained"], rel=1e-9)
+    # alpha = 0 is the branch off exactly: "3D branch off" (CUT3R and the fusion skipped) scores the same
+    with torch.no_grad():
+        model.model.fusion.alpha.zero_()
+    assert answer_nll(model, processor, row)[0] == pytest.approx(scores["3D branch off (alpha = 0)"], rel=1e-6)
     # with the branch off, what CUT3R says cannot matter: all three agree
     with torch.no_grad():
         model.model.fusion.alpha.zero_()

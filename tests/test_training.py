@@ -26,7 +26,8 @@ from transformers import TrainerCallback  # noqa: E402
 
 from modeling_vipa.configuration_vipa import VipaFusionConfig  # noqa: E402
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration  # noqa: E402
-from training.common import Recipe, load_hand3d_split, load_recipe, validate_dataset  # noqa: E402
+from training.common import Recipe, load_recipe  # noqa: E402
+from training.sft import load_hand3d_split, validate_dataset  # noqa: E402
 from training.stage1 import train_stage1  # noqa: E402
 from training.stage2 import train_stage2  # noqa: E402
 

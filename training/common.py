@@ -1,60 +1,39 @@
-"""Shared machinery of the spatial-aware pretraining stages 1 and 2 (paper §3.2.3, §4.1) on TRL's SFTTrainer.
+"""What every training stage shares (stages 1-2 on TRL, stage 3 on Accelerate, the CPU stand-ins).
 
-A recipe (YAML) fixes the optimiser and schedule; the Hand3D dataset is checked before the first step (missing
-columns are a `ValueError` at start-up; undecodable images, malformed chats and samples longer than the context
-are skipped and counted in `OUTPUT/data_report.json`); the trainable parameter set is logged and asserted
-against `set_trainable`; checkpoints are safetensors and `resume=True` continues from the last one.
+- the recipe: a YAML file of hyper-parameters (`load_recipe`, `resolve_recipe`);
+- the one checkpoint loader (`load_model_and_processor`: model + processor + `check_compatible`), used by
+  training, evaluation, the Space and the main job;
+- the trainable-parameter checks (`set_trainable`'s set asserted after wrapping);
+- precision and threads chosen on purpose (`resolve_bf16`, `mixed_precision`, `configure_threads`);
+- the trained-checkpoint marker (`TRAINING_MARKER`, `write_training_summary`).
 
-Usage (what `training.stage1` / `training.stage2` and `vipa-train` do):
+What only the SFT stages 1-2 share (dataset validation, the SFTTrainer) is in `training.sft`.
 
-    from training.common import load_recipe, run_stage
+    from training.common import load_model_and_processor, load_recipe
     recipe = load_recipe("cpu-tiny")                      # or "paper", or a path to a YAML file
-    run_stage(1, recipe, model_dir="ckpt/vipa-init", data_dir="hand3d", output_dir="runs/stage1")
-    # runs/stage1 is then a VIPA checkpoint: AutoModel.from_pretrained(..., trust_remote_code=True)
+    model, processor = load_model_and_processor("runs/stage1")
 """
 
 from __future__ import annotations
 
 import dataclasses
-import io
-import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
-import PIL.Image
 import torch
 import yaml
-from transformers import TrainerCallback
-from transformers.trainer_utils import get_last_checkpoint
 
-from hand3d_dataset.loading import load_hand3d
-from modeling_vipa.modeling_vipa import VipaForConditionalGeneration, add_motion_tokens, set_trainable
-from processing_vipa.processing_vipa import IMAGE_PLACEHOLDER, VipaProcessor
+from hand3d_dataset.atomic import write_json
+from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+from processing_vipa.processing_vipa import VipaProcessor
 
 logger = logging.getLogger("vipa.training")
 
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"
-# Hand3D dataset config per stage (DESIGN.md §3): stage 1 reads Hand3D-visual, stage 2 Hand3D-action.
-STAGE_DATA_CONFIG = {1: "visual", 2: "action"}
-# Columns every Hand3D row has (DESIGN.md §3); training reads `images` and `messages`, `id` names skipped rows.
-REQUIRED_COLUMNS = {
-    "visual": ("id", "source", "clip_id", "task_type", "images", "messages", "target"),
-    "action": (
-        "id",
-        "source",
-        "clip_id",
-        "task_type",
-        "images",
-        "messages",
-        "target",
-        "trajectory",
-        "motion_ids",
-    ),
-}
 # Prefixes a DDP / FSDP / activation-checkpointing wrapper puts before parameter names.
 _WRAPPER_PREFIXES = ("module.", "_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
@@ -75,7 +54,9 @@ class Recipe:
     max_steps: int = -1  # optimiser steps; > 0 overrides num_train_epochs
     image_size: int | None = 448  # InternVL tile side the checkpoint's processor must use; None: any
     max_length: int = 4096  # tokens per sample, image tokens included; longer samples are skipped and counted
-    bf16: bool = False  # bfloat16 autocast (GPU)
+    bf16: bool | None = (
+        None  # bfloat16 autocast: null = on a GPU that supports it, float32 elsewhere (see resolve_bf16)
+    )
     gradient_checkpointing: bool = False  # recompute LLM activations in backward (memory for time)
     save_steps: int = 500  # checkpoint every N optimiser steps: an interruption loses at most N steps
     save_total_limit: int = 3  # checkpoints kept on disk (oldest deleted)
@@ -103,6 +84,8 @@ class Recipe:
             raise ValueError("recipe: num_train_epochs or max_steps must be > 0")
         if self.image_size is not None and (not isinstance(self.image_size, int) or self.image_size < 1):
             raise ValueError(f"recipe.image_size: expected null or an int >= 1, got {self.image_size!r}")
+        if self.bf16 not in (None, True, False):
+            raise ValueError(f"recipe.bf16: expected true, false or null (auto), got {self.bf16!r}")
         if not 0.0 <= self.max_skip_fraction < 1.0:
             raise ValueError(
                 f"recipe.max_skip_fraction: expected a value in [0, 1), got {self.max_skip_fraction!r}"
@@ -148,107 +131,46 @@ def resolve_recipe(recipe: str | os.PathLike | Recipe, max_steps: int | None = N
     return recipe if max_steps is None else dataclasses.replace(recipe, max_steps=max_steps)
 
 
-# ---- data ----------------------------------------------------------------------------------------------------
-def load_hand3d_split(data_dir: str | os.PathLike, config: str, split: str = "train") -> datasets.Dataset:
-    """One split of a published Hand3D folder (`load_dataset(dir, "visual" | "action")`), columns checked."""
-    if config not in REQUIRED_COLUMNS:
-        raise ValueError(f"config: expected one of {sorted(REQUIRED_COLUMNS)}, got {config!r}")
-    return load_hand3d(data_dir, config, split=split, required_columns=REQUIRED_COLUMNS[config])
-
-
-def _check_row(row: dict[str, Any], processor: VipaProcessor, max_length: int) -> str | None:
-    """Why a row cannot be trained on ("undecodable_image", "bad_messages", "too_long"), or None if it can."""
-    images = row["images"] or []
-    for image in images:
-        try:
-            if isinstance(image, dict):  # Image(decode=False): {"bytes", "path"}
-                source = io.BytesIO(image["bytes"]) if image.get("bytes") else image.get("path")
-                with PIL.Image.open(source) as opened:
-                    opened.load()
-            else:
-                image.load()
-        except Exception:  # noqa: BLE001 - PIL raises many types for corrupt data; all mean "skip this row"
-            return "undecodable_image"
-    messages = row["messages"]
-    if not isinstance(messages, list) or not messages:
-        return "bad_messages"
-    roles = [m.get("role") for m in messages]
-    if roles[-1] != "assistant" or "user" not in roles:
-        return "bad_messages"
-    n_image_entries = sum(
-        1
-        for m in messages
-        if isinstance(m.get("content"), list)
-        for c in m["content"]
-        if c.get("type") == "image"
-    )
-    if n_image_entries != len(images) or not 1 <= len(images) <= processor.max_frames:
-        return "bad_messages"
-    try:
-        text = processor.apply_chat_template(messages, tokenize=False)
-    except Exception:  # noqa: BLE001 - a template error (unknown role, odd content) means a malformed chat
-        return "bad_messages"
-    # Each placeholder becomes <img> + image_seq_length x <IMG_CONTEXT> + </img>; special tokens never merge with
-    # their neighbours, so one <IMG_CONTEXT> per frame plus the rest counted gives the collator's exact length
-    # without tokenising hundreds of identical image tokens per sample.
-    one = processor.start_image_token + processor.context_image_token + processor.end_image_token
-    ids = processor.tokenizer(text.replace(IMAGE_PLACEHOLDER, one), add_special_tokens=False)["input_ids"]
-    if len(ids) + len(images) * (processor.image_seq_length - 1) > max_length:
-        return "too_long"
-    return None
-
-
-def validate_dataset(
-    dataset: datasets.Dataset, processor: VipaProcessor, max_length: int, max_skip_fraction: float
-) -> tuple[datasets.Dataset, dict[str, Any]]:
-    """The rows that can be trained on, and a report of what was skipped and why.
-
-    Every image is decoded once, every chat rendered and its token count (image tokens included) compared with
-    `max_length`, so that no bad row reaches a training step. Raises `ValueError` when nothing is left or more
-    than `max_skip_fraction` of the rows were skipped.
-
-    Returns:
-        (the kept rows, {"rows", "kept", "skipped": {reason: count}, "skipped_ids": {reason: [first ids]}}).
-    """
-    raw = dataset.cast_column("images", datasets.List(datasets.Image(decode=False)))
-    keep: list[int] = []
-    skipped: dict[str, int] = {"undecodable_image": 0, "bad_messages": 0, "too_long": 0}
-    skipped_ids: dict[str, list[str]] = {k: [] for k in skipped}
-    for i, row in enumerate(raw.select_columns(["id", "images", "messages"])):
-        reason = _check_row(row, processor, max_length)
-        if reason is None:
-            keep.append(i)
-            continue
-        skipped[reason] += 1
-        if len(skipped_ids[reason]) < 20:  # enough to find them, bounded for huge datasets
-            skipped_ids[reason].append(str(row["id"]))
-    report = {"rows": len(dataset), "kept": len(keep), "skipped": skipped, "skipped_ids": skipped_ids}
-    if not keep:
-        raise ValueError(f"dataset: no trainable rows left after validation: {report}")
-    fraction = 1.0 - len(keep) / len(dataset)
-    if fraction > max_skip_fraction:
-        raise ValueError(
-            f"dataset: validation skipped {fraction:.1%} of the rows, more than max_skip_fraction="
-            f"{max_skip_fraction:.1%}: {report}"
-        )
-    return dataset.select(keep), report
-
-
 # ---- model ---------------------------------------------------------------------------------------------------
 def load_model_and_processor(
-    model_dir: str | os.PathLike, dtype: torch.dtype = torch.float32
-) -> tuple[VipaForConditionalGeneration, VipaProcessor]:
-    """A VIPA checkpoint folder (model + processor, as `save_pretrained` writes them), checked for agreement."""
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"model_dir: no VIPA checkpoint (config.json) in {str(model_dir)!r}")
-    model = VipaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype)
-    # the local class is used, never the checkpoint's copy; False also stops AutoTokenizer's interactive prompt
-    processor = VipaProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
+    path: str | os.PathLike,
+    dtype: torch.dtype = torch.float32,
+    model_class: type | None = None,
+    remote_code: bool = False,
+    device: str | torch.device | None = None,
+) -> tuple[Any, VipaProcessor]:
+    """The one checkpoint loader: a VIPA checkpoint (model + processor, as `save_pretrained` writes them),
+    checked for agreement (`check_compatible`).
+
+    path: a local checkpoint folder, or (with `remote_code`) a Hub repo id.
+    model_class: the class to load (default `VipaForConditionalGeneration`; `VipaForActionPrediction` for
+        the policy). Ignored with `remote_code`.
+    remote_code: load through the Auto classes with `trust_remote_code=True`, i.e. run the checkpoint's own
+        copy of the code, as a user of a published checkpoint does (the Space). Otherwise the repository's
+        classes are used, never the checkpoint's copy.
+    device: where to put the model (default: where `from_pretrained` leaves it, the CPU).
+
+    A local folder without `config.json` is a `ValueError` naming it.
+    """
+    local = Path(path).exists()
+    if (local or not remote_code) and not (Path(path) / "config.json").is_file():
+        raise ValueError(f"model_dir: no VIPA checkpoint (config.json) in {str(path)!r}")
+    if remote_code:
+        from transformers import AutoModel, AutoProcessor
+
+        model = AutoModel.from_pretrained(str(path), dtype=dtype, trust_remote_code=True)
+        processor = AutoProcessor.from_pretrained(str(path), trust_remote_code=True)
+    else:
+        model = (model_class or VipaForConditionalGeneration).from_pretrained(str(path), dtype=dtype)
+        # False also stops AutoTokenizer's interactive prompt
+        processor = VipaProcessor.from_pretrained(str(path), trust_remote_code=False)
     check_compatible(model, processor)
+    if device is not None:
+        model = model.to(device)
     return model, processor
 
 
-def check_compatible(model: VipaForConditionalGeneration, processor: VipaProcessor) -> None:
+def check_compatible(model: Any, processor: Any) -> None:
     """Raise `ValueError` when the processor would produce inputs the model cannot take."""
     ivl = model.config.internvl_config
     tile = processor.image_processor.size["height"]
@@ -303,185 +225,95 @@ def summarize_trainable(model: torch.nn.Module) -> dict[str, Any]:
     }
 
 
-class TrainableSetCallback(TrainerCallback):
-    """Re-asserts the trainable set once the trainer has wrapped the model (DDP / FSDP / accelerate prepare)."""
-
-    def __init__(self, expected: list[str], stage: int) -> None:
-        self.expected, self.stage = expected, stage
-
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
-        if model is not None:
-            assert_trainable(model, self.expected, self.stage)
-
-
-# ---- run -----------------------------------------------------------------------------------------------------
 def world_size() -> int:
     """Processes of this launch (`accelerate launch` / torchrun set WORLD_SIZE; 1 otherwise)."""
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def build_trainer(
-    stage: int,
-    recipe: Recipe,
-    model_dir: str | os.PathLike,
-    data_dir: str | os.PathLike,
+# ---- precision and threads -----------------------------------------------------------------------------------
+def bf16_supported() -> bool:
+    """True on a CUDA GPU with native bfloat16 (Ampere and later)."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def resolve_bf16(requested: bool | None) -> bool:
+    """Whether a trainer runs under bf16 autocast: `requested` when given, else bf16 exactly on a GPU that
+    supports it. On CPU the default is float32 on purpose: a CPU without native bf16 (AVX2-only) runs a bf16
+    matmul through a fallback kernel ~50x slower than float32 (BENCHMARKS.md, the dtype section)."""
+    if requested is None:
+        return bf16_supported()
+    if requested and torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+        raise ValueError("recipe.bf16: true, but this GPU has no bfloat16 support; set it to false or null")
+    return bool(requested)
+
+
+def mixed_precision(requested: bool | None = None) -> str:
+    """Accelerate's `mixed_precision` for `resolve_bf16(requested)`: "bf16" or "no"."""
+    return "bf16" if resolve_bf16(requested) else "no"
+
+
+def available_cpus() -> int:
+    """CPUs this process may actually use: its affinity mask, capped by a cgroup v2 CPU quota when one is set."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        n = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, int(int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+THREADS_ENV = "VIPA_NUM_THREADS"  # user override of the intra-op thread count
+
+
+def configure_threads(requested: int | None = None) -> int:
+    """Sets torch's intra-op threads from `requested`, else $VIPA_NUM_THREADS, else `available_cpus()`, and
+    returns the count. Never more than the CPUs the process may use: with tiny kernels, OpenMP threads that
+    cannot all run spin at every barrier (a 40x slowdown was measured with one core busy elsewhere)."""
+    if requested is None and os.environ.get(THREADS_ENV):
+        try:
+            requested = int(os.environ[THREADS_ENV])
+        except ValueError:
+            raise ValueError(
+                f"{THREADS_ENV}: expected an int >= 1, got {os.environ[THREADS_ENV]!r}"
+            ) from None
+    n = available_cpus() if requested is None else requested
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"num_threads: expected an int >= 1, got {n!r}")
+    torch.set_num_threads(n)
+    return n
+
+
+# The trained-checkpoint marker: written beside the weights by every training entry point (stages 1-3, the
+# stand-ins); its absence means "untrained weights" (the Space says so, the main job re-trains).
+TRAINING_MARKER = "training_summary.json"
+
+
+def write_training_summary(
     output_dir: str | os.PathLike,
-    callbacks: list[TrainerCallback] | None = None,
-) -> Any:
-    """An `SFTTrainer` for stage 1 or 2, after every start-up check (see the module docstring)."""
-    from trl import SFTConfig, SFTTrainer  # heavy import, only where a trainer is built
+    stage: int | str,
+    steps: int,
+    dataset: str | os.PathLike,
+    final_loss: float | None,
+    recipe: Any,
+    model: torch.nn.Module,
+    **extra: Any,
+) -> Path:
+    """Writes `TRAINING_MARKER` beside the weights (atomically): what trained this checkpoint.
 
-    if stage not in STAGE_DATA_CONFIG:
-        raise ValueError(f"stage: expected 1 or 2 (stage 3 runs on Accelerate, not TRL), got {stage!r}")
-    output_dir = Path(output_dir)
-    model, processor = load_model_and_processor(model_dir)
-    tile = processor.image_processor.size["height"]
-    if recipe.image_size is not None and recipe.image_size != tile:
-        raise ValueError(
-            f"recipe.image_size={recipe.image_size} but the checkpoint's processor uses {tile} px tiles"
-        )
-    if stage == 2:
-        # paper §3.2.3: stage 2 "extends the LLM vocabulary to include a set of motion tokens"; a stage-1
-        # output has none yet, a resumed or repeated stage 2 already has them (idempotent)
-        add_motion_tokens(model, processor)
-    expected = set_trainable(model, stage)
-    summary = summarize_trainable(model)
-    logger.info(
-        "stage %d: %d of %d parameters trainable (%d tensors): %s",
-        stage,
-        summary["trainable"],
-        summary["total"],
-        len(expected),
-        {g: c["trainable"] for g, c in summary["groups"].items() if c["trainable"]},
-    )
-
-    dataset = load_hand3d_split(data_dir, STAGE_DATA_CONFIG[stage], "train")
-    dataset, report = validate_dataset(dataset, processor, recipe.max_length, recipe.max_skip_fraction)
-    logger.info("data: %d rows, %d kept, skipped %s", report["rows"], report["kept"], report["skipped"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    if int(os.environ.get("RANK", "0")) == 0:
-        (output_dir / "data_report.json").write_text(json.dumps(report, indent=2))
-        (output_dir / "trainable_parameters.json").write_text(
-            json.dumps({"stage": stage, **summary, "names": expected}, indent=2)
-        )
-
-    use_cpu = not torch.cuda.is_available()
-    args = SFTConfig(
-        output_dir=str(output_dir),
-        optim=recipe.optim,
-        learning_rate=recipe.learning_rate,
-        lr_scheduler_type=recipe.lr_scheduler_type,
-        warmup_steps=recipe.warmup_ratio,  # transformers 5: a float in [0, 1) is a ratio of the total steps
-        weight_decay=recipe.weight_decay,
-        per_device_train_batch_size=recipe.per_device_batch_size,
-        gradient_accumulation_steps=recipe.gradient_accumulation_steps(world_size()),
-        num_train_epochs=recipe.num_train_epochs,
-        max_steps=recipe.max_steps,
-        bf16=recipe.bf16 and not use_cpu,
-        gradient_checkpointing=recipe.gradient_checkpointing,
-        gradient_checkpointing_kwargs={
-            "use_reentrant": False
-        },  # reentrant needs inputs with grad; ours have none
-        save_strategy="steps",
-        save_steps=recipe.save_steps,
-        save_total_limit=recipe.save_total_limit,
-        logging_steps=recipe.logging_steps,
-        seed=recipe.seed,
-        data_seed=recipe.seed,
-        dataloader_num_workers=recipe.dataloader_num_workers,
-        use_cpu=use_cpu,
-        assistant_only_loss=True,
-        # every kept sample fits max_length (validated above): TRL's truncation would cut image tokens
-        max_length=None,
-        report_to=[],
-        disable_tqdm=True,
-    )
-    trainer_cls = SFTTrainer
-    if recipe.spatial_cache:  # CUT3R is frozen in stages 1 and 2: its tokens never change during a run
-        from training.spatial_cache import SpatialTokenCache
-
-        trainer_cls = _with_spatial_cache(
-            SFTTrainer, SpatialTokenCache(output_dir / "spatial_cache", model.model.spatial_encoder.eval())
-        )
-    trainer = trainer_cls(
-        model=model,
-        args=args,
-        train_dataset=dataset,
-        processing_class=processor,
-        callbacks=[TrainableSetCallback(expected, stage), *(callbacks or [])],
-    )
-    assert_trainable(trainer.model, expected, stage)
-    trainer.vipa_data_report = report
-    return trainer
-
-
-def _with_spatial_cache(trainer_cls: type, cache: Any) -> type:
-    """`trainer_cls` whose loss reads V_spa from `cache` (a `SpatialTokenCache`) instead of running CUT3R:
-    each batch's `spatial_pixel_values` become `spatial_tokens` before the model sees them."""
-
-    class CachedSpatialTrainer(trainer_cls):
-        spatial_cache = cache
-
-        def compute_loss(self, model, inputs, *args, **kwargs):
-            if inputs.get("spatial_pixel_values") is not None:
-                inputs = dict(inputs)
-                pixels = inputs.pop("spatial_pixel_values")
-                inputs["spatial_tokens"] = cache.get_or_compute(pixels, inputs["spatial_frame_mask"])
-            return super().compute_loss(model, inputs, *args, **kwargs)
-
-    return CachedSpatialTrainer
-
-
-def run_stage(
-    stage: int,
-    recipe: Recipe,
-    model_dir: str | os.PathLike,
-    data_dir: str | os.PathLike,
-    output_dir: str | os.PathLike,
-    resume: bool = False,
-    callbacks: list[TrainerCallback] | None = None,
-) -> Any:
-    """Train stage 1 or 2 and save the final VIPA checkpoint (model + processor, remote code) in `output_dir`.
-
-    resume: continue from the last `checkpoint-N` in `output_dir` (optimizer, scheduler, RNG and data position
-    included); a `ValueError` when there is none. Returns the trainer.
-    """
-    checkpoint = None
-    if resume:
-        checkpoint = get_last_checkpoint(str(output_dir)) if Path(output_dir).is_dir() else None
-        if checkpoint is None:
-            raise ValueError(f"resume: no checkpoint-N folder in {str(output_dir)!r} to resume from")
-        logger.info("resuming from %s", checkpoint)
-    trainer = build_trainer(stage, recipe, model_dir, data_dir, output_dir, callbacks)
-    trainer.train(resume_from_checkpoint=checkpoint)
-    if trainer.state.global_step < trainer.state.max_steps:
-        logger.warning("stopped at step %d of %d", trainer.state.global_step, trainer.state.max_steps)
-        return trainer  # stopped early (callback or signal): the last checkpoint is the state to resume
-    trainer.save_model(str(output_dir))  # model.save_pretrained (remote code) + processor.save_pretrained
-    if trainer.is_world_process_zero():
-        trainer.processing_class.save_pretrained(str(output_dir))
-        write_training_summary(trainer, stage, recipe, data_dir, output_dir)
-    return trainer
-
-
-TRAINING_SUMMARY = (
-    "training_summary.json"  # the Space's "this checkpoint is trained" marker (spaces_demo.app)
-)
-
-
-def write_training_summary(trainer: Any, stage: int, recipe: Recipe, data_dir, output_dir) -> Path:
-    """Writes `training_summary.json` beside the weights (atomically): what trained this checkpoint."""
-    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    recipe: a dataclass (its fields are written) or a dict; `extra` adds fields (e.g. `stand_in=True`)."""
     summary = {
         "stage": stage,
-        "steps": int(trainer.state.global_step),
-        "dataset": str(data_dir),
-        "final_loss": losses[-1] if losses else None,
-        "recipe": dataclasses.asdict(recipe),
-        "trainable_parameters": int(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)),
+        "steps": int(steps),
+        "dataset": str(dataset),
+        "final_loss": final_loss,
+        "recipe": dataclasses.asdict(recipe) if dataclasses.is_dataclass(recipe) else dict(recipe),
+        "trainable_parameters": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+        "finished": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        **extra,
     }
-    path = Path(output_dir) / TRAINING_SUMMARY
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=str))
-    os.replace(tmp, path)
-    return path
+    return write_json(summary, Path(output_dir) / TRAINING_MARKER)

@@ -18,7 +18,8 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from training.common import Recipe, resolve_recipe, run_stage
+from training.common import Recipe, resolve_recipe
+from training.sft import run_stage
 
 STAGE = 1
 

@@ -1,14 +1,12 @@
-"""Hand3D-test evaluation of a VIPA checkpoint (paper §4.4, Table 8, Figures 8-9).
+"""Scoring Hand3D-test answers (paper §4.4, Table 8, Figures 8-9): the part that needs no model.
 
-    hand3d evaluate --model runs/stage2 --data hand3d --out eval   # results.json, figure8.png, figure9.png
-
-    from hand3d_dataset.evaluate import evaluate_model_dir, evaluate_predictions, load_rows, plot_figure8
-    from hand3d_dataset.evaluate import trivial_baseline_predictions
+    from hand3d_dataset.scoring import evaluate_predictions, load_rows, plot_figure8, trivial_baseline_predictions
     train, test = load_rows("hand3d", "visual", "train"), load_rows("hand3d", "visual", "test")
     baseline = evaluate_predictions(trivial_baseline_predictions(train, test), test)
-    vipa = evaluate_model_dir("runs/stage1", "hand3d", config="visual")["configs"]["visual"]
-    baseline["text"]["overall"]["direction_score"], vipa["text"]["overall"]["distance_error_m"]
-    plot_figure8({"baseline": baseline["text"], "VIPA-VLA": vipa["text"]}, "eval/figure8.png")
+    baseline["text"]["overall"]["direction_score"]
+    plot_figure8({"baseline": baseline["text"]}, "eval/figure8.png")
+
+Generating a model's answers and scoring them end to end is `evaluation.hand3d_test` (`hand3d evaluate`).
 
 Rows are scored by what their answer is:
 
@@ -21,9 +19,9 @@ Rows are scored by what their answer is:
   errors are means over decodable outputs only, so read them with `decodable_fraction` beside them.
   Length mismatch: `waypoint_error_m` is the mean Euclidean error over the common prefix (the first
   min(T_pred, T_gt) waypoints; both start at the same frame, the shown one or, for contextual prediction,
-  the one after it, so waypoint k is the same time step in both), `final_error_m` compares the two LAST points whatever the lengths (where the hand ends up),
-  and mismatches are counted (`n_length_mismatch`, `mean_abs_length_diff`). No resampling: it would invent
-  time steps the model never predicted.
+  the one after it, so waypoint k is the same time step in both), `final_error_m` compares the two LAST
+  points whatever the lengths (where the hand ends up), and mismatches are counted (`n_length_mismatch`,
+  `mean_abs_length_diff`). No resampling: it would invent time steps the model never predicted.
 
 Figure 8 is the histogram of direction scores and distance errors on the text rows; Figure 9 draws the
 predicted (blue) and ground-truth (red) trajectories of a few motion rows. The dataset stores no camera
@@ -33,18 +31,16 @@ intrinsics per row, so Figure 9 shows the frame beside a 3D plot of the two traj
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from hand3d_dataset.atomic import save_figure
 from hand3d_dataset.language import AXES, NO_MOVEMENT_TEXT, NO_ROTATION_TEXT
 from hand3d_dataset.metrics import evaluate_answers
 from processing_vipa.motion_tokenizer import MotionTokenizer
@@ -52,62 +48,24 @@ from processing_vipa.motion_tokenizer import MotionTokenizer
 __all__ = [
     "CONFIGS",
     "MOTION_TASK_TYPES",
-    "EvalConfig",
     "load_rows",
-    "load_model_and_processor",
-    "build_prompts",
-    "generate_answers",
+    "is_motion_row",
     "motion_metrics",
     "evaluate_predictions",
+    "summarize",
+    "finite",
     "trivial_baseline_predictions",
-    "evaluate_model",
-    "evaluate_model_dir",
     "plot_figure8",
     "plot_figure9",
-    "write_json",
 ]
 
 CONFIGS = ("visual", "action")
 # Task types whose answer is a `<motion>` … `</motion>` trajectory (samples_action.py); all others are text.
 MOTION_TASK_TYPES = ("instructional_motion_generation", "contextual_motion_prediction")
-# Columns read here (DESIGN.md §3); a missing one is a start-up error, not a KeyError mid-run.
-REQUIRED_COLUMNS = {
-    "visual": ("id", "task_type", "images", "messages", "target"),
-    "action": ("id", "task_type", "images", "messages", "target", "trajectory"),
-}
 # Distance/angle decimals of the trivial baseline's answers: finer than the dataset's 2/1 so that rounding
 # adds at most 0.5 mm / 0.05 degrees to its errors.
 BASELINE_DISTANCE_DECIMALS = 3
 BASELINE_ANGLE_DECIMALS = 1
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    """Knobs of `evaluate_model`; validated on construction."""
-
-    split: str = "test"  # dataset split to evaluate (Hand3D-test is the visual test split)
-    config: str = (
-        "auto"  # "visual", "action", "both", or "auto" (visual, plus action if the model has motion tokens)
-    )
-    batch_size: int = 8  # prompts per generate() call (left-padded)
-    max_new_tokens: int | None = None  # None: 64 for text, and at least 3 T_max + 4 for motion rows
-    limit: int | None = None  # evaluate only the first N rows of each config (None: all)
-    progress: bool = True  # tqdm bar over batches
-    num_figure9_samples: int = 4  # motion rows drawn in figure9.png
-
-    def __post_init__(self) -> None:
-        if self.config not in (*CONFIGS, "both", "auto"):
-            raise ValueError(f"config: expected visual, action, both or auto, got {self.config!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {self.batch_size!r}")
-        if self.max_new_tokens is not None and (
-            not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1
-        ):
-            raise ValueError(f"max_new_tokens: expected an int >= 1 or None, got {self.max_new_tokens!r}")
-        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
-            raise ValueError(f"limit: expected an int >= 1 or None, got {self.limit!r}")
-        if self.num_figure9_samples < 1:
-            raise ValueError(f"num_figure9_samples: expected >= 1, got {self.num_figure9_samples}")
 
 
 # ---- data ---------------------------------------------------------------------------------------------------
@@ -122,7 +80,7 @@ def load_rows(
 
     if config not in CONFIGS:
         raise ValueError(f"config: expected one of {CONFIGS}, got {config!r}")
-    ds = load_hand3d(dataset_dir, config, split=split, required_columns=REQUIRED_COLUMNS[config])
+    ds = load_hand3d(dataset_dir, config, split=split)
     if limit is not None:
         ds = ds.select(range(min(limit, len(ds))))
     if len(ds) == 0:
@@ -149,98 +107,8 @@ def _scoring_target(target: Mapping) -> dict:
     return out
 
 
-def _is_motion(row: Mapping) -> bool:
+def is_motion_row(row: Mapping) -> bool:
     return row["task_type"] in MOTION_TASK_TYPES
-
-
-# ---- model --------------------------------------------------------------------------------------------------
-def load_model_and_processor(model_dir: str | os.PathLike, dtype: Any = None) -> tuple[Any, Any]:
-    """(VipaForConditionalGeneration in eval mode, VipaProcessor) from a checkpoint folder.
-
-    The repository's classes are used (the same as `AutoModelForCausalLM.from_pretrained(dir,
-    trust_remote_code=True)` gives, without running the checkpoint's copy of the code).
-    """
-    import torch
-
-    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-    from processing_vipa.processing_vipa import VipaProcessor
-
-    if not (Path(model_dir) / "config.json").is_file():
-        raise ValueError(f"model_dir: no VIPA checkpoint (config.json) in {str(model_dir)!r}")
-    model = VipaForConditionalGeneration.from_pretrained(str(model_dir), dtype=dtype or torch.float32).eval()
-    processor = VipaProcessor.from_pretrained(str(model_dir), trust_remote_code=False)
-    return model, processor
-
-
-def _has_motion_tokens(model: Any, processor: Any) -> bool:
-    return bool(getattr(model.config, "motion_token_ids", None)) and processor.has_motion_tokens
-
-
-def build_prompts(rows: Sequence[Mapping], processor: Any) -> list[str]:
-    """Chat-template prompts (generation prompt appended) from the rows' messages before the last assistant turn."""
-    prompts = []
-    for row in rows:
-        msgs = list(row["messages"])
-        last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=len(msgs))
-        if last == 0:
-            raise ValueError(f"row {row.get('id')!r}: no user message before the answer")
-        prompts.append(processor.apply_chat_template(msgs[:last], tokenize=False, add_generation_prompt=True))
-    return prompts
-
-
-def generate_answers(
-    model: Any,
-    processor: Any,
-    rows: Sequence[Mapping],
-    batch_size: int = 8,
-    max_new_tokens: int = 64,
-    progress: bool = True,
-    desc: str = "generate",
-) -> list[str]:
-    """Greedy answers of the model, one string per row, in row order.
-
-    Batches are left-padded (generation appends on the right, so every prompt must end at the same column) and
-    hold rows of one kind only: with images, or text-only (the processor takes no mix of the two).
-    Special tokens are dropped from the text; motion tokens are ordinary tokens and stay.
-    """
-    import torch
-    from tqdm.auto import tqdm
-
-    prompts = build_prompts(rows, processor)
-    tok = processor.tokenizer
-    eos = [
-        i
-        for i in {tok.eos_token_id, tok.convert_tokens_to_ids("<|im_end|>")}
-        if isinstance(i, int) and i >= 0
-    ]
-    pad = tok.pad_token_id if tok.pad_token_id is not None else eos[0]
-    groups: dict[bool, list[int]] = {True: [], False: []}
-    for i, row in enumerate(rows):
-        groups[bool(row["images"])].append(i)
-    batches = [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
-    out: list[str] = [""] * len(rows)
-    device = next(model.parameters()).device
-    for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress):
-        images = [list(rows[i]["images"]) for i in idx] if rows[idx[0]]["images"] else None
-        batch = processor(
-            images=images,
-            text=[prompts[i] for i in idx],
-            return_tensors="pt",
-            padding=True,
-            padding_side="left",
-        )
-        batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in batch.items()}
-        if "pixel_values" in batch:
-            batch["pixel_values"] = batch["pixel_values"].to(model.dtype)
-            batch["spatial_pixel_values"] = batch["spatial_pixel_values"].to(model.dtype)
-        with torch.no_grad():
-            ids = model.generate(
-                **batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos, pad_token_id=pad
-            )
-        new = ids[:, batch["input_ids"].shape[1] :]
-        for i, text in zip(idx, tok.batch_decode(new, skip_special_tokens=True)):
-            out[i] = text.strip()
-    return out
 
 
 # ---- metrics ------------------------------------------------------------------------------------------------
@@ -324,8 +192,8 @@ def evaluate_predictions(
         raise ValueError("predictions: expected a list of strings, got a single str")
     if len(predictions) != len(rows):
         raise ValueError(f"predictions/rows: lengths differ ({len(predictions)} vs {len(rows)})")
-    text_i = [i for i, r in enumerate(rows) if not _is_motion(r)]
-    motion_i = [i for i, r in enumerate(rows) if _is_motion(r)]
+    text_i = [i for i, r in enumerate(rows) if not is_motion_row(r)]
+    motion_i = [i for i, r in enumerate(rows) if is_motion_row(r)]
     result: dict = {"n": len(rows), "text": None, "motion": None}
     if text_i:
         res = evaluate_answers(
@@ -406,12 +274,12 @@ def trivial_baseline_predictions(
     for r in test_rows:
         tt = r["task_type"]
         if tt not in cache:
-            pool = by_task.get(tt) or [t for t in train_rows if _is_motion(t) == _is_motion(r)]
+            pool = by_task.get(tt) or [t for t in train_rows if is_motion_row(t) == is_motion_row(r)]
             if not pool:
                 raise ValueError(
                     f"train_rows: no training row to build a baseline answer for task type {tt!r}"
                 )
-            cache[tt] = tok.encode(_mean_trajectory(pool)).text if _is_motion(r) else _baseline_text(pool)
+            cache[tt] = tok.encode(_mean_trajectory(pool)).text if is_motion_row(r) else _baseline_text(pool)
         out.append(cache[tt])
     return out
 
@@ -454,7 +322,7 @@ def plot_figure8(text_results: Mapping[str, Mapping], path: str | os.PathLike) -
     ax_dist.legend(fontsize=8)
     fig.suptitle("Hand3D-test: direction scores and distance errors")
     fig.tight_layout()
-    return _save_fig(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_figure9(
@@ -497,46 +365,11 @@ def plot_figure9(
         ax3.set(xlabel="x right (m)", ylabel="z forward (m)", zlabel="up, -y (m)")
         ax3.legend(fontsize=6)
     fig.tight_layout()
-    return _save_fig(fig, path)
-
-
-def _save_fig(fig: Any, path: str | os.PathLike) -> Path:
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, dpi=100, format="png")
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
-
-
-def write_json(obj: Any, path: str | os.PathLike) -> Path:
-    """Atomic JSON write (temp file in the same folder, then rename): a reader never sees half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=_json_default, allow_nan=False)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    if isinstance(x, np.ndarray):
-        return x.tolist()
-    raise TypeError(f"not JSON serialisable: {type(x).__name__}")
+    return save_figure(fig, path)
 
 
 # ---- end to end ---------------------------------------------------------------------------------------------
-def _summary(res: dict) -> dict:
+def summarize(res: dict) -> dict:
     """The Table 8 numbers of one config: text overall + motion overall, flat."""
     t = (res.get("text") or {}).get("overall") or {}
     m = (res.get("motion") or {}).get("overall") or {}
@@ -550,95 +383,12 @@ def _summary(res: dict) -> dict:
     }
 
 
-def evaluate_model(
-    model: Any,
-    processor: Any,
-    dataset_dir: str | os.PathLike,
-    split: str = "test",
-    config: str = "auto",
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
-    limit: int | None = None,
-    out_dir: str | os.PathLike | None = None,
-    progress: bool = True,
-    name: str = "model",
-) -> dict:
-    """Generate answers on a Hand3D split and score them (see the module docstring).
-
-    Returns {"split", "configs": {cfg: evaluate_predictions result + "summary"}, "skipped": {cfg: reason},
-    "plots": {...}}. With `out_dir`, also writes results.json (atomic), figure8.png (visual text rows, else
-    any text rows) and figure9.png (action motion rows).
-    Raises `ValueError` when the split or config is missing, or when motion evaluation is asked of a model
-    without motion tokens (config "action" or "both"; "auto" then skips the action config and says so).
-    """
-    cfg = EvalConfig(
-        split=split,
-        config=config,
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        limit=limit,
-        progress=progress,
-    )
-    has_motion = _has_motion_tokens(model, processor)
-    wanted = {"visual": ["visual"], "action": ["action"], "both": list(CONFIGS), "auto": list(CONFIGS)}[
-        cfg.config
-    ]
-    result: dict = {
-        "model": name,
-        "data": str(dataset_dir),
-        "split": split,
-        "configs": {},
-        "skipped": {},
-        "plots": {},
-    }
-    for c in wanted:
-        rows = load_rows(dataset_dir, c, split, cfg.limit)
-        if c == "action" and not has_motion and any(_is_motion(r) for r in rows):
-            msg = "the model has no motion tokens (config.motion_token_ids / processor vocabulary); run stage 2 first"
-            if cfg.config == "auto":
-                result["skipped"][c] = msg
-                continue
-            raise ValueError(f"config: motion evaluation on Hand3D-action was asked, but {msg}")
-        n_new = cfg.max_new_tokens or 64
-        if cfg.max_new_tokens is None and any(_is_motion(r) for r in rows):
-            n_new = max(n_new, 3 * max(len(r["trajectory"]) for r in rows if _is_motion(r)) + 4)
-        preds = generate_answers(
-            model, processor, rows, cfg.batch_size, n_new, cfg.progress, desc=f"{c} {split}"
-        )
-        res = evaluate_predictions(preds, rows, processor.motion_tokenizer)
-        res["summary"] = _summary(res)
-        result["configs"][c] = res
-        if out_dir is not None and res["motion"] is not None:
-            motion_rows = [r for r in rows if _is_motion(r)][: cfg.num_figure9_samples]
-            preds3d = [
-                np.asarray(s["predicted"]) if s["decodable"] else None for s in res["motion"]["samples"]
-            ]
-            fig9 = plot_figure9(motion_rows, preds3d[: len(motion_rows)], Path(out_dir) / "figure9.png")
-            result["plots"]["figure9"] = str(fig9)
-    if out_dir is not None:
-        text_src = next(
-            (c for c in ("visual", "action") if (result["configs"].get(c) or {}).get("text")), None
-        )
-        if text_src is not None:
-            path = plot_figure8({name: result["configs"][text_src]["text"]}, Path(out_dir) / "figure8.png")
-            result["plots"]["figure8"] = str(path)
-        result["results_json"] = str(write_json(_finite(result), Path(out_dir) / "results.json"))
-    return result
-
-
-def _finite(obj: Any) -> Any:
+def finite(obj: Any) -> Any:
     """JSON has no NaN/inf: such floats (none are expected) become None rather than invalid JSON."""
     if isinstance(obj, float) and not math.isfinite(obj):
         return None
     if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
+        return {k: finite(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_finite(v) for v in obj]
+        return [finite(v) for v in obj]
     return obj
-
-
-def evaluate_model_dir(model_dir: str | os.PathLike, dataset_dir: str | os.PathLike, **kwargs: Any) -> dict:
-    """`evaluate_model` on a checkpoint folder (what `hand3d evaluate` runs)."""
-    model, processor = load_model_and_processor(model_dir)
-    kwargs.setdefault("name", Path(model_dir).name)
-    return evaluate_model(model, processor, dataset_dir, **kwargs)

@@ -1,7 +1,7 @@
 """STAND-INS for the pretrained parts of VIPA-VLA, trained from scratch on synthetic Hand3D data (CPU default).
 
 The paper initialises VIPA-VLA from InternVL3.5-2B and the official CUT3R checkpoint (§3.2.3). Neither can be
-downloaded here, so the CPU main job (`training.main_job`) first trains small stand-ins for them. They are NOT
+downloaded here, so the CPU main job (`cpu_demo.main_job`) first trains small stand-ins for them. They are NOT
 those models and every checkpoint they produce says so in its `training_summary.json` (`"stand_in": true`):
 
 1. the semantic backbone (a tiny InternVL: vision tower + projector + Qwen3, no 3D branch) is trained on the
@@ -14,7 +14,7 @@ those models and every checkpoint they produce says so in its `training_summary.
    alike while the metric scale is still learnt; plus `token_point_loss` (`cut3r_token_weight`): a linear
    readout of each last-layer patch token regresses its patch's mean 3D point, as CUT3R's linear-head
    (224 px) checkpoint reads its points from the tokens. Without it the DPT head's convolutions hold the 3D
-   and V_spa carries no more of it than V_sem (`training.probe3d`, 1,181-row main job: pair direction score
+   and V_spa carries no more of it than V_sem (`evaluation.probe3d`, 1,181-row main job: pair direction score
    of a linear probe 2.34 for V_spa vs 2.43 for V_sem; with it, 2.50 vs 2.42, distance error 0.045 vs 0.056 m).
 
 A byte-level BPE tokenizer with Qwen3's chat tokens and InternVL's image tokens (the same construction as
@@ -23,7 +23,7 @@ is trained on the Hand3D texts.
 
 Usage:
 
-    from training.pretrain_standins import (
+    from cpu_demo.standins import (
         StandinConfig, build_standin_processor, build_standin_tokenizer, standin_vipa_config,
     )
     cfg = StandinConfig.quick()
@@ -36,8 +36,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +53,7 @@ from hand3d_dataset.cameras import backproject_depth
 from modeling_vipa.configuration_cut3r import Cut3rConfig
 from modeling_vipa.configuration_vipa import VipaConfig, VipaFusionConfig, internvl_tiny_config
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-from modeling_vipa.spatial_encoder import Cut3rEncoder, Cut3rOutput
+from modeling_vipa.spatial_encoder import Cut3rEncoder
 from processing_vipa.processing_vipa import VipaProcessor
 
 __all__ = [
@@ -69,12 +68,11 @@ __all__ = [
     "gt_pointmaps",
     "pretrain_cut3r",
     "disable_spatial_branch",
-    "spatial_branch_skipped",
     "pretrain_semantic_backbone",
 ]
 
 STANDIN_NOTE = (
-    "STAND-IN: trained from scratch on synthetic Hand3D data by training.main_job because no pretrained "
+    "STAND-IN: trained from scratch on synthetic Hand3D data by cpu_demo.main_job because no pretrained "
     "InternVL3.5 / CUT3R weights are available offline; not the paper's pretrained models"
 )
 # Qwen3's chat tokens and InternVL's image tokens, after the byte-level vocabulary as in Qwen.
@@ -125,7 +123,7 @@ class StandinConfig:
     backbone_batch: int = 8  # samples per backbone step
     backbone_lr: float = 1e-3  # AdamW peak learning rate of the backbone (cosine, 3% warm-up)
     dense_weight: float = (
-        1.0  # weight of the dense name loss (training.dense_names) in backbone steps; 0: off
+        1.0  # weight of the dense name loss (cpu_demo.dense_names) in backbone steps; 0: off
     )
     dense_batch: int = 16  # frames per dense name loss term
     dense_depth_weight: float = 1.0  # weight of the dense loss's per-token depth readout (0: names only)
@@ -468,37 +466,11 @@ def pretrain_cut3r(
 
 # ---- semantic backbone stand-in ----------------------------------------------------------------------------------
 def disable_spatial_branch(model: VipaForConditionalGeneration) -> None:
-    """Switch the 3D branch off exactly: alpha = 0 and the fusion frozen, so V_f = V_sem (InternVL's path)."""
-    with torch.no_grad():
-        model.model.fusion.alpha.zero_()
+    """The single-encoder model: `config.use_spatial_branch = False` (CUT3R and the fusion are skipped, so
+    V_f = V_sem, InternVL's own path; saved with the checkpoint) and the fusion frozen."""
+    model.config.use_spatial_branch = False
     for p in model.model.fusion.parameters():
         p.requires_grad_(False)
-
-
-@contextmanager
-def spatial_branch_skipped(model: VipaForConditionalGeneration) -> Iterator[None]:
-    """Inside the block CUT3R is not run: it returns zero tokens of its usual shape.
-
-    Only valid while the branch is off (`alpha == 0`): `V_f = V_sem + 0 * F_spa` is then the same whatever
-    CUT3R returns, and skipping it saves the most expensive part of a backbone step.
-    """
-    fusion, encoder = model.model.fusion, model.model.spatial_encoder
-    if float(fusion.alpha) != 0.0:
-        raise ValueError(
-            f"model: the 3D branch is on (alpha = {float(fusion.alpha)}); CUT3R cannot be skipped"
-        )
-    real_forward = encoder.forward
-
-    def zero_tokens(pixel_values: torch.Tensor, frame_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
-        B, T, _, H, W = pixel_values.shape
-        n = 1 + (H // encoder.config.patch_size) * (W // encoder.config.patch_size)
-        return Cut3rOutput(tokens=pixel_values.new_zeros(B, T, n, encoder.config.hidden_size))
-
-    encoder.forward = zero_tokens
-    try:
-        yield
-    finally:
-        encoder.forward = real_forward
 
 
 BACKBONE_PREFIXES = (
@@ -521,10 +493,11 @@ def pretrain_semantic_backbone(
 ) -> Any:
     """Train InternVL's parts (vision tower, projector, Qwen3) on Hand3D-visual rows with TRL's SFTTrainer.
 
-    The 3D branch is off (`disable_spatial_branch`) and CUT3R frozen: this is the single-encoder model.
+    The 3D branch is off (`disable_spatial_branch`: CUT3R is not even run) and frozen: this is the
+    single-encoder model.
     train_dataset: validated Hand3D-visual train rows (`images`, `messages`). Returns the trainer; the model is
     trained in place (not saved: the caller saves it with its marker).
-    dense: a `training.dense_names.DenseNameLoss`; each step then minimises
+    dense: a `cpu_demo.dense_names.DenseNameLoss`; each step then minimises
     `LM loss + cfg.dense_weight * dense(model)` (None, or dense_weight 0: the LM loss alone).
     """
     from trl import SFTConfig, SFTTrainer
@@ -570,6 +543,5 @@ def pretrain_semantic_backbone(
         processing_class=processor,
         callbacks=[TqdmCallback("semantic backbone stand-in (single encoder)")] if progress else [],
     )
-    with spatial_branch_skipped(model):
-        trainer.train()
+    trainer.train()
     return trainer

@@ -22,11 +22,11 @@ CUT3R's own pointmap, and `V_sem + V_spa` is all a fusion could pass on linearly
 `branch_ablation` looks from the answers' side: the per-token NLL of Hand3D answers with the 3D branch as
 trained, with V_spa zeroed, and with alpha = 0 (if zeroing V_spa does not raise it, the answers ignore CUT3R).
 
-    from training.probe3d import Probe3DConfig, branch_ablation, format_probe_table, probe_model
+    from evaluation.probe3d import Probe3DConfig, branch_ablation, format_probe_table, probe_model
     result = probe_model("outputs/demo/runs/stage1", Probe3DConfig(num_clips=1500))
     print(format_probe_table(result))
     # branch_ablation(model, processor, test_rows)["nll_per_token"]: as trained / V_spa zeroed / alpha = 0
-    # or: python -m training.probe3d --model outputs/demo/runs/stage1 --num-clips 1500 --out outputs/probe
+    # or: python -m evaluation.probe3d --model outputs/demo/runs/stage1 --num-clips 1500 --out outputs/probe
 """
 
 from __future__ import annotations
@@ -257,7 +257,7 @@ def _token_cover(
     cover = cell_cover(mask, *grid)
     if n_tokens == len(cover):
         return cover
-    from training.dense_names import image_token_regions
+    from cpu_demo.dense_names import image_token_regions
 
     regions = image_token_regions(grid[0], 1, downsample_ratio)  # cell indices per LLM token
     if len(regions) != n_tokens:
@@ -333,20 +333,13 @@ def _nll(
     if spatial not in ABLATIONS:
         raise ValueError(f"spatial: expected one of {ABLATIONS}, got {spatial!r}")
     inputs = dict(inputs)
-    fusion = model.model.fusion
-    alpha = fusion.alpha.detach().clone()
     if spatial == "V_spa zeroed":  # CUT3R's token layout (pose token + patches), all zeros, CUT3R not run
         pixels = inputs.pop("spatial_pixel_values")
         cfg = model.config.spatial_config
         n = 1 + (pixels.shape[-2] // cfg.patch_size) * (pixels.shape[-1] // cfg.patch_size)
         inputs["spatial_tokens"] = pixels.new_zeros(*pixels.shape[:2], n, cfg.hidden_size)
-    with torch.no_grad():
-        if spatial == "3D branch off (alpha = 0)":
-            fusion.alpha.zero_()
-        try:
-            logits = model(**inputs).logits[0, :-1].float()
-        finally:
-            fusion.alpha.copy_(alpha)
+    with torch.no_grad():  # the branch off: CUT3R and the fusion skipped, V_f = V_sem (as alpha = 0 gives)
+        logits = model(**inputs, use_spatial=spatial != "3D branch off (alpha = 0)").logits[0, :-1].float()
     target = labels[0, 1:]
     keep = target != -100
     return float(F.cross_entropy(logits[keep], target[keep], reduction="sum")), int(keep.sum())
@@ -535,7 +528,7 @@ def plot_probe(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m training.probe3d", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -m evaluation.probe3d", description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="a VIPA checkpoint folder (e.g. runs/stage1)")
     p.add_argument("--num-clips", type=int, default=Probe3DConfig.num_clips, help="synth clips of the build")
     p.add_argument("--train-clips", type=int, default=Probe3DConfig.train_clips, help="train clips to fit on")

@@ -2,8 +2,8 @@
 the pretrained parts, run the paper's pretraining stages 1 and 2, evaluate on the Hand3D test split, print a
 table shaped like the paper's Table 8, write plots and `results.json`, then serve the Space.
 
-    python -m training.main_job                      # outputs/demo, ~15 min on 2 CPU cores, then serves
-    python -m training.main_job --quick --no-serve   # seconds-long smoke run (tests)
+    python -m cpu_demo                      # outputs/demo, ~15 min on 2 CPU cores, then serves (= make demo)
+    python -m cpu_demo --quick --no-serve   # seconds-long smoke run (tests)
 
 Phases, each writing its outputs atomically (a temporary folder renamed, or a marker file written last) and
 skipped when already complete, so an interrupted run continues where it stopped:
@@ -13,7 +13,7 @@ skipped when already complete, so an interrupted run continues where it stopped:
 3. `standins/cut3r/`: the CUT3R STAND-IN, pointmap regression from rendered metric depth (synth train clips),
    plus a linear 3D readout of its patch tokens (`pretrain_standins.token_point_loss`).
 4. `single_encoder/`: the semantic backbone STAND-IN (tiny InternVL, 3D branch off), trained on Hand3D-visual
-   train plus a dense "name what each image token shows" loss on the same train frames (`training.dense_names`,
+   train plus a dense "name what each image token shows" loss on the same train frames (`cpu_demo.dense_names`,
    the stand-in for InternVL's grounding pretraining): Table 8's "single-encoder model trained with Hand3D".
 5. `standins/vipa_init/`: VIPA-VLA initialised as the paper does (§3.2.3): that backbone + the CUT3R stand-in
    + a freshly initialised fusion layer (alpha = 0.5).
@@ -21,7 +21,7 @@ skipped when already complete, so an interrupted run continues where it stopped:
 7. `vipa/`: stage 2 (`training.stage2`: motion tokens + fusion + LLM, Hand3D-action): the served checkpoint.
 8. `eval/`: the three Table 8 rows on the visual test split (+ stage 2's trajectories on the action test split),
    `results.json`, `figure8.png`, `figure9.png`.
-9. `eval/probe3d.json`, `probe3d.png`: what the tokens carry (`training.probe3d`): a linear probe of V_sem,
+9. `eval/probe3d.json`, `probe3d.png`: what the tokens carry (`evaluation.probe3d`): a linear probe of V_sem,
    V_spa, V_f and the LLM input of VIPA-VLA-PT for the 3D centres of objects and hands, scored on test-frame
    pairs like Hand3D answers, next to the answers' scores (perception vs reading); and the answers' NLL on
    test rows with the 3D branch as trained, with V_spa zeroed and with alpha = 0 (does the fusion matter?).
@@ -46,7 +46,8 @@ from typing import Any
 
 __all__ = ["MainJobConfig", "run_main_job", "format_table", "main"]
 
-TRAINING_MARKER = "training_summary.json"  # spaces_demo.app.TRAINING_MARKER: "this checkpoint is trained"
+from hand3d_dataset.atomic import write_json
+from training.common import TRAINING_MARKER
 
 
 @dataclass
@@ -68,7 +69,7 @@ class MainJobConfig:
     eval_max_new_tokens: int = 48  # answer tokens generated per visual question (answers use ~20-35)
     seed: int = 0  # data and model seed
     fusion_qk_position: str = "none"  # VipaFusionConfig.qk_position of the composed VIPA-VLA ("none": paper)
-    probe_train_clips: int = 300  # train clips the phase-9 probe (training.probe3d) fits on; 0: phase 9 off
+    probe_train_clips: int = 300  # train clips the phase-9 probe (evaluation.probe3d) fits on; 0: phase 9 off
     ablation_rows: int = 200  # test rows (evenly spaced) of phase 9's 3D-branch ablation of the answers
     quick: bool = False  # the test-sized run
     standins: dict = field(default_factory=dict)  # StandinConfig overrides
@@ -97,13 +98,6 @@ class MainJobConfig:
 
 
 # ---- phase plumbing --------------------------------------------------------------------------------------------
-def _write_json(obj: Any, path: Path) -> None:
-    """Write JSON atomically (temporary file + os.replace)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 @contextmanager
 def _atomic_dir(final: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder; rename it to `final` only when the block succeeds."""
@@ -128,7 +122,7 @@ class _Phases:
         if done:
             print(f"[main_job] {name}: already complete, skipped", flush=True)
             self.times.setdefault(name, {"seconds": None})["skipped_last_run"] = True
-            _write_json(self.times, self.path)
+            write_json(self.times, self.path)
             yield False
             return
         print(f"[main_job] {name} ...", flush=True)
@@ -136,7 +130,7 @@ class _Phases:
         yield True
         self.times[name] = {"seconds": round(time.time() - t0, 1), "skipped_last_run": False}
         print(f"[main_job] {name}: {self.times[name]['seconds']} s", flush=True)
-        _write_json(self.times, self.path)
+        write_json(self.times, self.path)
 
 
 # ---- phases ----------------------------------------------------------------------------------------------------
@@ -158,15 +152,15 @@ def _texts(dataset: Any) -> list[str]:
 def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> None:
     import torch
 
-    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-    from training.common import load_hand3d_split
-    from training.pretrain_standins import (
+    from cpu_demo.standins import (
         STANDIN_NOTE,
         build_standin_processor,
         build_standin_tokenizer,
         init_standin_vision_positions,
         standin_vipa_config,
     )
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+    from training.sft import load_hand3d_split
 
     # train split only: the test texts must not shape the vocabulary either
     texts = _texts(load_hand3d_split(data_dir, "visual", "train"))
@@ -177,7 +171,7 @@ def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> 
     init_standin_vision_positions(model)  # zero (transformers' init) leaves the tiny ViT blind to position
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
-    _write_json({"stand_in": True, "note": STANDIN_NOTE, "trained": False}, out / "standin_info.json")
+    write_json({"stand_in": True, "note": STANDIN_NOTE, "trained": False}, out / "standin_info.json")
 
 
 def _synth_train_clips(cfg: MainJobConfig, limit: int | None, desc: str) -> Iterator[Any]:
@@ -185,15 +179,15 @@ def _synth_train_clips(cfg: MainJobConfig, limit: int | None, desc: str) -> Iter
 
     The build's split rule by clip position: nothing of a test clip ever teaches a stand-in.
     """
-    from training.probe3d import synth_split_clips
+    from evaluation.probe3d import synth_split_clips
 
     return synth_split_clips(cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, False, limit, desc)
 
 
 def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> dict:
+    from cpu_demo.standins import STANDIN_NOTE, prepare_cut3r_clips, pretrain_cut3r
     from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
     from processing_vipa.processing_vipa import VipaProcessor
-    from training.pretrain_standins import STANDIN_NOTE, prepare_cut3r_clips, pretrain_cut3r
 
     model = VipaForConditionalGeneration.from_pretrained(str(init_dir))
     processor = VipaProcessor.from_pretrained(str(init_dir), trust_remote_code=False)
@@ -204,16 +198,17 @@ def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> di
     summary = pretrain_cut3r(encoder, clips, scfg, processor, seed=cfg.seed)
     summary.update(stand_in=True, note=STANDIN_NOTE, clips=len(clips))
     encoder.save_pretrained(str(out))
-    _write_json(summary, out / "cut3r_summary.json")
+    write_json(summary, out / "cut3r_summary.json")
     return summary
 
 
 def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Path, out: Path) -> dict:
     import numpy as np
 
-    from training.common import load_hand3d_split, load_model_and_processor, validate_dataset
-    from training.dense_names import DenseNameLoss
-    from training.pretrain_standins import STANDIN_NOTE, pretrain_semantic_backbone
+    from cpu_demo.dense_names import DenseNameLoss
+    from cpu_demo.standins import STANDIN_NOTE, pretrain_semantic_backbone
+    from training.common import load_model_and_processor
+    from training.sft import load_hand3d_split, validate_dataset
 
     model, processor = load_model_and_processor(init_dir)
     train = load_hand3d_split(data_dir, "visual", "train")
@@ -239,7 +234,7 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
     model.save_pretrained(str(out))
     processor.save_pretrained(str(out))
     summary = {
-        "model": "single encoder (semantic backbone stand-in, tiny InternVL; 3D branch off: alpha = 0)",
+        "model": "single encoder (semantic backbone stand-in, tiny InternVL; 3D branch off: use_spatial_branch = False)",
         "stand_in": True,
         "note": STANDIN_NOTE,
         "data": "Hand3D-visual train",
@@ -262,7 +257,7 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
         },
         "data_report": report,
     }
-    _write_json(summary, out / TRAINING_MARKER)
+    write_json(summary, out / TRAINING_MARKER)
     return summary
 
 
@@ -277,6 +272,7 @@ def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: 
     backbone, processor = load_model_and_processor(backbone_dir)
     torch.manual_seed(cfg.seed + 1)
     config = backbone.config
+    config.use_spatial_branch = True  # the backbone was trained as the single encoder, without the branch
     fusion = (
         config.fusion_layer_config
     )  # rebuilt, so its checks (e.g. sincos2d's head size) run on the real dims
@@ -297,8 +293,8 @@ def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: 
 
 
 def _run_stage(stage: int, steps: int, model_dir: Path, data_dir: Path, out: Path, extra: dict) -> dict:
+    from cpu_demo.standins import STANDIN_NOTE, TqdmCallback
     from training.common import load_recipe
-    from training.pretrain_standins import STANDIN_NOTE, TqdmCallback
     from training.stage1 import train_stage1
     from training.stage2 import train_stage2
 
@@ -325,20 +321,19 @@ def _run_stage(stage: int, steps: int, model_dir: Path, data_dir: Path, out: Pat
         "note": STANDIN_NOTE,
         **extra,
     }
-    _write_json(summary, out / TRAINING_MARKER)
+    write_json(summary, out / TRAINING_MARKER)
     return summary
 
 
 def _evaluate(
     cfg: MainJobConfig, data_dir: Path, models: dict[str, Path], stage2_dir: Path, out: Path
 ) -> dict:
-    from hand3d_dataset.evaluate import (
-        evaluate_model,
+    from evaluation.hand3d_test import evaluate_model
+    from hand3d_dataset.scoring import (
         evaluate_predictions,
         load_rows,
         plot_figure8,
         trivial_baseline_predictions,
-        write_json,
     )
     from training.common import load_model_and_processor
 
@@ -384,8 +379,9 @@ def _evaluate(
 def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, table: dict, out: Path) -> dict:
     """Phase 9: what the tokens of the stage-1 model carry (linear 3D probe), what its answers use (the 3D
     branch ablated on test answers), next to what the answers score."""
-    from training.common import load_hand3d_split, load_model_and_processor
-    from training.probe3d import Probe3DConfig, branch_ablation, plot_probe, probe_model
+    from evaluation.probe3d import Probe3DConfig, branch_ablation, plot_probe, probe_model
+    from training.common import load_model_and_processor
+    from training.sft import load_hand3d_split
 
     model, processor = load_model_and_processor(stage1_dir)
     pcfg = Probe3DConfig(
@@ -403,7 +399,7 @@ def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, table: dict, ou
     result["answers"] = {r["model"]: r for r in table["table8"][1:]}
     if "rows" in result:
         result["plot"] = str(plot_probe(result, out / "probe3d.png", result["answers"]))
-    _write_json(result, out / "probe3d.json")
+    write_json(result, out / "probe3d.json")
     return result
 
 
@@ -446,11 +442,11 @@ def format_table(rows: list[dict]) -> str:
 # ---- the job ---------------------------------------------------------------------------------------------------
 def run_main_job(cfg: MainJobConfig) -> dict:
     """Run (or resume) every phase; returns the `results.json` content."""
-    import torch
+    from cpu_demo.standins import StandinConfig
+    from training.common import configure_threads
 
-    from training.pretrain_standins import StandinConfig
-
-    torch.set_num_threads(2)  # the embedded default: a 2-core machine
+    threads = configure_threads()  # the CPUs this process may use ($VIPA_NUM_THREADS overrides)
+    print(f"[main_job] {threads} torch threads", flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     scfg = StandinConfig.quick() if cfg.quick else StandinConfig()
@@ -460,7 +456,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     job = {"main_job": asdict(cfg), "standins": asdict(scfg)}
     if config_path.is_file() and json.loads(config_path.read_text()) != json.loads(json.dumps(job)):
         raise ValueError(f"out: {out} holds a run with other settings ({config_path}); use another --out")
-    _write_json(job, config_path)
+    write_json(job, config_path)
     phases = _Phases(out)
     t_start = time.time()
     data, init, cut3r = out / "hand3d", out / "standins" / "init", out / "standins" / "cut3r"
@@ -511,7 +507,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     probe_path = out / "eval" / "probe3d.json"
     probe = None
     if cfg.probe_train_clips:
-        with phases.run("9 3D probe of the tokens (training.probe3d)", probe_path.is_file()) as todo:
+        with phases.run("9 3D probe of the tokens (evaluation.probe3d)", probe_path.is_file()) as todo:
             if todo:
                 _probe(cfg, data, stage1, table, out / "eval")
         probe = json.loads(probe_path.read_text())
@@ -535,7 +531,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
         },
         "config": job,
     }
-    _write_json(results, out / "results.json")
+    write_json(results, out / "results.json")
     print("\nHand3D test split (synth), Table 8 shape, all rows measured in this run:\n")
     print(format_table(table["table8"]))
     if table.get("motion_stage2"):
@@ -545,7 +541,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
             f"final error {m.get('motion_final_error_m')} m, decodable {m.get('motion_decodable_fraction')}"
         )
     if probe and "rows" in probe:
-        from training.probe3d import format_probe_table
+        from evaluation.probe3d import format_probe_table
 
         print(
             "\nWhat the tokens carry: a linear probe of each feature set of VIPA-VLA-PT predicts the 3D centre of"
@@ -567,7 +563,7 @@ def run_main_job(cfg: MainJobConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """CLI: `python -m training.main_job [--out DIR] [--quick] [--no-serve]`; returns the exit status."""
+    """CLI: `python -m cpu_demo.main_job [--out DIR] [--quick] [--no-serve]`; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--out", default=None, help="output folder (default outputs/demo; --quick: outputs/demo-quick)"

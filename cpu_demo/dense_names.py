@@ -22,7 +22,7 @@ from the same rendered depth as the CUT3R stand-in, which can hide what the 3D b
 Only the segmentation, names and rendered depth of TRAIN clips are used, nothing of the test split, and only
 for the stand-in; both Table-8 models share the backbone trained with it, so the comparison stays fair.
 
-    from training.dense_names import DenseNameLoss
+    from cpu_demo.dense_names import DenseNameLoss
     dense = DenseNameLoss.from_clips(train_clips, processor, model.config)   # clips with segmentation
     loss = dense(model)                     # one random batch of frames; add it to the LM loss
     pretrain_semantic_backbone(model, processor, rows, out, cfg, dense=dense)   # what the main job does
