@@ -39,6 +39,29 @@ def _numpy_fusion(fusion: VipaFusion, V_sem: np.ndarray, V_spa: np.ndarray) -> n
     return layer_norm(V_sem + alpha * F_spa)
 
 
+def test_branch_applies_layernorm_then_dropout_in_train_mode() -> None:
+    """V_f = V_sem + alpha * Dropout(LN(F_spa)) (README, fusion.py): in train mode each element of the branch
+    is either exactly 0 (dropped) or LN(F_spa) / (1 - p) with LN computed on the whole, undropped F_spa.
+    LN(Dropout(F_spa)) would give no exact zeros and other kept values."""
+    torch.manual_seed(0)
+    p = 0.5
+    fusion = VipaFusion(
+        VipaFusionConfig.tiny(dropout=p, attention_dropout=0.0), vision_dim=24, spatial_dim=40
+    )
+    fusion = fusion.double().train()
+    V_sem = torch.randn(2, 16, 24, dtype=torch.float64)
+    V_spa = torch.randn(2, 1 + 9, 40, dtype=torch.float64)
+    with torch.no_grad():
+        branch = ((fusion(V_sem, V_spa) - V_sem) / fusion.alpha).numpy()
+    # independent: F_spa and the LayerNorm (default affine: weight 1, bias 0) by NumPy
+    F_spa = fusion.cross_attention(V_sem, V_spa).detach().numpy()
+    mu, var = F_spa.mean(-1, keepdims=True), F_spa.var(-1, keepdims=True)
+    ln = (F_spa - mu) / np.sqrt(var + fusion.config.layer_norm_eps)
+    dropped = np.isclose(branch, 0.0, atol=1e-12)
+    assert 0.3 < dropped.mean() < 0.7  # about p of the elements
+    np.testing.assert_allclose(branch[~dropped], ln[~dropped] / (1 - p), rtol=1e-9, atol=1e-9)
+
+
 @pytest.mark.parametrize("norm_position", ["branch", "output"])
 def test_fusion_matches_numpy_equations(norm_position: str) -> None:
     torch.manual_seed(0)
