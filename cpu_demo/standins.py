@@ -55,6 +55,7 @@ from modeling_vipa.configuration_vipa import VipaConfig, VipaFusionConfig, inter
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 from modeling_vipa.spatial_encoder import Cut3rEncoder
 from processing_vipa.processing_vipa import VipaProcessor
+from training.common import resolve_bf16
 
 __all__ = [
     "StandinConfig",
@@ -500,7 +501,7 @@ def pretrain_semantic_backbone(
     dense: a `cpu_demo.dense_names.DenseNameLoss`; each step then minimises
     `LM loss + cfg.dense_weight * dense(model)` (None, or dense_weight 0: the LM loss alone).
     """
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     weight = cfg.dense_weight if dense is not None else 0.0
 
@@ -515,8 +516,26 @@ def pretrain_semantic_backbone(
     disable_spatial_branch(model)
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith(BACKBONE_PREFIXES))
-    args = SFTConfig(
+    trainer = _Trainer(
+        model=model,
+        args=backbone_sft_args(cfg, output_dir, seed),
+        train_dataset=train_dataset,
+        processing_class=processor,
+        callbacks=[TqdmCallback("semantic backbone stand-in (single encoder)")] if progress else [],
+    )
+    trainer.train()
+    return trainer
+
+
+def backbone_sft_args(cfg: StandinConfig, output_dir: str | Path, seed: int = 0) -> Any:
+    """TRL `SFTConfig` of the backbone stand-in. Precision on purpose (`training.common.resolve_bf16`): TRL's
+    default is bf16, which on a CPU without native bf16 runs ~50x slower than float32."""
+    from trl import SFTConfig
+
+    return SFTConfig(
         output_dir=str(output_dir),
+        bf16=resolve_bf16(None),
+        fp16=False,
         optim="adamw_torch",
         learning_rate=cfg.backbone_lr,
         lr_scheduler_type="cosine",
@@ -536,12 +555,3 @@ def pretrain_semantic_backbone(
         dataloader_num_workers=0,
         gradient_checkpointing=False,  # TRL's default is on: recomputing a tiny model only costs time
     )
-    trainer = _Trainer(
-        model=model,
-        args=args,
-        train_dataset=train_dataset,
-        processing_class=processor,
-        callbacks=[TqdmCallback("semantic backbone stand-in (single encoder)")] if progress else [],
-    )
-    trainer.train()
-    return trainer

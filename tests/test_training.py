@@ -429,3 +429,53 @@ def test_stage1_with_the_spatial_cache_trains_the_same_weights(tmp_path, tiny_ch
     assert any(
         not torch.equal(want[n], _weights(tiny_checkpoint)[n]) for n in want if n.startswith("model.fusion.")
     )
+
+
+# ---- precision and threads: chosen on purpose ----------------------------------------------------------------
+def test_every_trainer_runs_float32_on_cpu_unless_asked(
+    tmp_path, tiny_checkpoint, hand3d, monkeypatch
+) -> None:
+    """TRL's SFTConfig defaults to bf16; on a CPU without native bf16 that is ~50x slower (BENCHMARKS.md)."""
+    from cpu_demo.standins import StandinConfig, backbone_sft_args
+    from training.common import mixed_precision, resolve_bf16
+    from training.sft import build_trainer
+
+    assert (
+        not torch.cuda.is_available()
+    )  # the test machine; the GPU branch is checked with a patched torch below
+    trainer = build_trainer(1, Recipe(**TINY), tiny_checkpoint, hand3d, tmp_path / "a")
+    assert trainer.args.bf16 is False and trainer.args.fp16 is False
+    assert trainer.accelerator.mixed_precision == "no"
+    assert backbone_sft_args(StandinConfig.quick(), tmp_path / "b").bf16 is False
+    asked = build_trainer(1, Recipe(**{**TINY, "bf16": True}), tiny_checkpoint, hand3d, tmp_path / "c")
+    assert asked.args.bf16 is True  # the user asked: bf16 autocast on CPU too
+    assert mixed_precision() == "no" and resolve_bf16(False) is False
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_bf16(None) is True and mixed_precision() == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_bf16(None) is False
+    with pytest.raises(ValueError, match="recipe.bf16"):
+        resolve_bf16(True)
+    with pytest.raises(ValueError, match="recipe.bf16"):
+        Recipe(**{**TINY, "bf16": "yes"})
+
+
+def test_thread_count_follows_the_cpus_this_process_may_use(monkeypatch) -> None:
+    from training.common import THREADS_ENV, available_cpus, configure_threads
+
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv(THREADS_ENV, raising=False)
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0})  # pinned to one core
+        assert available_cpus() == 1 and configure_threads() == 1 and torch.get_num_threads() == 1
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1, 2})
+        monkeypatch.setenv(THREADS_ENV, "2")
+        assert configure_threads() == 2 and torch.get_num_threads() == 2
+        monkeypatch.setenv(THREADS_ENV, "two")
+        with pytest.raises(ValueError, match=THREADS_ENV):
+            configure_threads()
+        with pytest.raises(ValueError, match="num_threads"):
+            configure_threads(0)
+    finally:
+        torch.set_num_threads(before)
