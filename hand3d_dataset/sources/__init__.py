@@ -46,6 +46,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "synth": "hand3d_dataset.sources.synth:SynthSource",
     "hot3d": "hand3d_dataset.sources.hot3d:Hot3dSource",
     "dexycb": "hand3d_dataset.sources.dexycb:DexYcbSource",
+    "h2o": "hand3d_dataset.sources.h2o:H2oSource",
 }
 
 

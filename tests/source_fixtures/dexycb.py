@@ -69,18 +69,25 @@ def render_rgbd(K, hw, blobs, background_z: float = 0.9, seed: int = 0):
     """
     h, w = hw
     rng = np.random.default_rng(seed)
-    rgb = (rng.integers(60, 120, (h, w, 1)) + np.zeros((1, 1, 3), int)).astype(np.uint8)
+    # 16-pixel blocks of grey noise: not blank, and cheap to encode as PNG
+    noise = np.kron(rng.integers(60, 120, (h // 16 + 1, w // 16 + 1)), np.ones((16, 16), int))[:h, :w]
+    rgb = np.repeat(noise[..., None], 3, axis=2).astype(np.uint8)
     depth = np.full((h, w), background_z)
     seg = np.zeros((h, w), np.uint8)
-    v, u = np.mgrid[0:h, 0:w]
     for points, radius, colour, sid in blobs:
         for p in np.asarray(points, float).reshape(-1, 3):
             if not np.isfinite(p).all() or p[2] <= 0.05:
                 continue
             cu, cv = K[0, 0] * p[0] / p[2] + K[0, 2], K[1, 1] * p[1] / p[2] + K[1, 2]
             r = K[0, 0] * radius / p[2]
-            disc = ((u - cu) ** 2 + (v - cv) ** 2 <= r * r) & (p[2] < depth)
-            depth[disc], rgb[disc], seg[disc] = p[2], colour, sid
+            u0, u1 = max(0, int(cu - r - 1)), min(w, int(cu + r + 2))
+            v0, v1 = max(0, int(cv - r - 1)), min(h, int(cv + r + 2))
+            if u0 >= u1 or v0 >= v1:
+                continue
+            v, u = np.mgrid[v0:v1, u0:u1]
+            win = (slice(v0, v1), slice(u0, u1))
+            disc = ((u - cu) ** 2 + (v - cv) ** 2 <= r * r) & (p[2] < depth[win])
+            depth[win][disc], rgb[win][disc], seg[win][disc] = p[2], colour, sid
     return rgb, depth, seg
 
 
@@ -94,6 +101,24 @@ def project(K, points):
 
 def write_depth_mm(path: Path, depth_m) -> None:
     PIL.Image.fromarray(np.round(np.nan_to_num(depth_m) * 1000).astype(np.uint16)).save(path)
+
+
+def save_tiny_detector(folder: Path) -> Path:
+    """A tiny random GroundingDINO (model + processor) saved where `--detector grounding-dino:<folder>` reads it."""
+    from tests.test_estimators import tiny_grounding_dino
+
+    model, processor = tiny_grounding_dino(folder)
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_depth_model(folder: Path) -> Path:
+    """A tiny random metric DepthAnything saved where `--estimator depth-anything:<folder>` reads it."""
+    from tests.test_estimators import tiny_depth_anything
+
+    tiny_depth_anything("metric").save_pretrained(folder)
+    return folder
 
 
 def build_dexycb(root: Path, mano_dir: Path, num_frames: int = 61, absent=(30,), seed: int = 0) -> dict:
