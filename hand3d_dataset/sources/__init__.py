@@ -47,6 +47,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "hot3d": "hand3d_dataset.sources.hot3d:Hot3dSource",
     "dexycb": "hand3d_dataset.sources.dexycb:DexYcbSource",
     "h2o": "hand3d_dataset.sources.h2o:H2oSource",
+    "arctic": "hand3d_dataset.sources.arctic:ArcticSource",
 }
 
 
