@@ -263,8 +263,10 @@ class LeRobotMeta:
     episode_stats: dict[int, dict[str, dict[str, np.ndarray]]] = field(repr=False, default_factory=dict)
 
     @property
-    def fps(self) -> int:
-        return int(self.info["fps"])
+    def fps(self) -> int | float:
+        """Frames per second (some Hub datasets write 10.0; an integral value comes back as int)."""
+        fps = self.info["fps"]
+        return int(fps) if float(fps).is_integer() else float(fps)
 
     @property
     def features(self) -> dict[str, dict]:
@@ -332,7 +334,14 @@ class LeRobotMeta:
 
         tasks_path = root / TASKS_PATH
         tasks: list[str] = []
-        if tasks_path.is_file():
+        legacy = root / "meta" / "tasks.jsonl"  # a few early v3.0 datasets kept v2.1's JSON-lines tasks
+        if not tasks_path.is_file() and legacy.is_file():
+            rows = [json.loads(line) for line in legacy.read_text().splitlines() if line.strip()]
+            by_index = {int(r["task_index"]): str(r["task"]) for r in rows}
+            tasks = [by_index.get(i) for i in range(max(by_index, default=-1) + 1)]
+            if any(t is None for t in tasks):
+                raise ValueError(f"{legacy}: task_index values are not 0..{len(tasks) - 1}")
+        elif tasks_path.is_file():
             table = pq.read_table(tasks_path)
             names = table.column_names
             text_col = (

@@ -34,8 +34,8 @@ __all__ = [
     "probe_video",
 ]
 
-# SVT-AV1 prints a banner to stderr for every encoder it opens; keep warnings and errors only.
-os.environ.setdefault("SVT_LOG", "2")
+# SVT-AV1 prints a banner and warnings to stderr for every encoder it opens; keep errors only.
+os.environ.setdefault("SVT_LOG", "1")
 
 
 def _av():
