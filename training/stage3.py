@@ -1,0 +1,954 @@
+"""Stage 3, robot post-training (paper §3.3, §4.1) on Accelerate: the action head learns to act from LeRobot v3
+demonstrations with the flow-matching loss, the LLM trains with it, the semantic encoder and CUT3R stay frozen.
+
+    ã = (1 - tau) eps + tau a,   loss = mean over real steps and dimensions of |v_theta(ã, tau | h_cond, s) - (a - eps)|^2
+
+`a` is the normalised action chunk of H steps (statistics of the dataset, mode per the recipe), zero-padded to
+the head's action width; steps past an episode's end (`action_is_pad`) and padded dimensions carry no loss.
+The state is normalised and zero-padded to the head's state width, so one checkpoint can hold several
+embodiments (each dataset's statistics sit in the processor under its `unnorm_key`).
+
+Starting points (one command for all; the kind is detected and written to `training_summary.json`):
+
+- a stage-2 VIPA checkpoint (motion tokens present): the paper's VIPA-VLA;
+- a VIPA checkpoint without pretraining (`training.build_checkpoint`, fresh fusion, no motion tokens): Table 7;
+- a single-encoder checkpoint: the 3D branch is off, which this repository writes as fusion `alpha = 0`
+  (`training.pretrain_standins.disable_spatial_branch`); the fusion then stays frozen at 0 and CUT3R is not
+  run (zero tokens in its layout stand in for it, exactly: V_f = V_sem); the paper's "InternVL3.5" baseline;
+- a stage-3 output (another embodiment, or more steps): its head is kept, its other datasets' statistics too.
+
+Runs: one CPU (`vipa-train stage3 ...`) to many GPUs (`accelerate launch --config_file
+training/accelerate/{cpu,single_gpu,multi_gpu_ddp,fsdp2,deepspeed_zero2}.yaml -m training.cli stage3 ...`);
+bf16 autocast on a GPU that supports it, float32 on CPU. Every `save_steps` an Accelerate checkpoint
+(model, optimiser, scheduler, RNG states, data position, loss history) is written atomically to
+`OUTPUT/checkpoints/step-N`; `resume=True` continues from the newest and ends with the same weights as an
+uninterrupted run. The final folder loads with `AutoModel.from_pretrained(OUTPUT, trust_remote_code=True)` and
+`evaluation.policy.VipaPolicy.from_pretrained(OUTPUT)`.
+
+Usage:
+
+    from training.stage3 import train_stage3
+    result = train_stage3("runs/stage2", "libero_10", "runs/stage3", recipe="cpu-tiny")
+    # or: vipa-train stage3 --recipe paper-libero --model runs/stage2 --data HuggingFaceVLA/libero --output runs/stage3
+    #     accelerate launch --config_file training/accelerate/multi_gpu_ddp.yaml -m training.cli stage3 ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from transformers.utils import logging as hf_logging
+
+from evaluation.policy import (
+    EmbodimentSpec,
+    prepare_observation_inputs,
+    read_policy_config,
+    zero_spatial_tokens,
+)
+from hand3d_dataset.atomic import write_json
+from modeling_vipa.configuration_vipa import VipaActionHeadConfig, VipaConfig
+from modeling_vipa.modeling_vipa import VipaForActionPrediction
+from processing_vipa.processing_vipa import VipaProcessor
+from training.common import (
+    RECIPES_DIR,
+    assert_trainable,
+    check_compatible,
+    mixed_precision,
+    summarize_trainable,
+    world_size,
+    write_training_summary,
+)
+
+logger = logging.getLogger("vipa.training.stage3")
+
+STAGE = 3
+STAGE3_RECIPES_DIR = RECIPES_DIR / "stage3"
+CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/step-00000050: Accelerate states to resume from
+_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_HEAD_FIELDS = tuple(VipaActionHeadConfig.__annotations__)
+# Recipe fields that may change between an interrupted run and its resumption (they do not change the result).
+_RESUME_FREE = {
+    "save_steps",
+    "save_total_limit",
+    "logging_steps",
+    "dataloader_num_workers",
+    "max_skip_fraction",
+}
+_LLM_LINEAR = r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
+
+
+# ---- recipe ----------------------------------------------------------------------------------------------------
+@dataclass
+class Stage3Recipe:
+    """Hyper-parameters of one stage-3 run (paper §4.1 for `paper-libero.yaml` / `paper-robocasa.yaml`)."""
+
+    learning_rate: float = 5e-5  # AdamW peak learning rate after warm-up (paper §4.1)
+    lr_scheduler_type: str = (
+        "cosine"  # transformers schedule after warm-up (the paper names none; stages 1-2: cosine)
+    )
+    warmup_ratio: float = 0.05  # fraction of max_steps spent warming up linearly (paper §4.1)
+    weight_decay: float = 1e-5  # AdamW decoupled weight decay (paper §4.1)
+    adam_beta1: float = 0.9  # AdamW beta1
+    adam_beta2: float = 0.999  # AdamW beta2
+    max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 turns it off
+    global_batch_size: int = (
+        128  # samples per optimiser step over all processes and accumulation (paper: 128)
+    )
+    per_device_batch_size: int = 16  # samples per forward pass on one process
+    max_steps: int = 30000  # optimiser steps (paper §4.1: 30K for LIBERO)
+    train_fusion: bool = (
+        True  # fusion layer trains too (see the recipe files for why); ignored without a 3D branch
+    )
+    lora_rank: int = 0  # 0: the whole LLM trains; > 0: LoRA adapters of this rank on the LLM's linear layers
+    lora_alpha: int = 16  # LoRA scaling numerator (scale = lora_alpha / lora_rank)
+    lora_dropout: float = 0.0  # dropout on the LoRA branch
+    horizon: int | None = None  # H, actions per chunk; None: the checkpoint's action_head_config.horizon
+    action_dim: int | None = (
+        None  # head action width (data zero-padded to it); None: checkpoint's head or widest dataset
+    )
+    state_dim: int | None = (
+        None  # head state width (data zero-padded to it); None: checkpoint's head or widest dataset
+    )
+    camera_keys: list[str] | None = (
+        None  # `observation.images.<cam>` in model frame order; None: info.json order
+    )
+    state_key: str = "observation.state"  # state feature of the datasets
+    action_key: str = "action"  # action feature of the datasets
+    unnorm_key: str | None = None  # statistics name for a single dataset; None: the dataset folder's name
+    norm_mode: str = (
+        "mean_std"  # "mean_std" | "min_max" | "quantile" (q01/q99 to [-1, 1]); see lerobot_dataset
+    )
+    n_action_steps: int | None = None  # actions VipaPolicy executes per chunk (written to policy_config.json)
+    bf16: bool | None = (
+        None  # bf16 autocast: None = on a GPU that supports it (float32 on CPU); true / false forces
+    )
+    gradient_checkpointing: bool = False  # recompute the LLM's activations in backward (memory for time)
+    spatial_cache: bool = (
+        False  # read frozen CUT3R's tokens from OUTPUT/spatial_cache (computed once per sample)
+    )
+    save_steps: int = (
+        1000  # Accelerate checkpoint every N optimiser steps: an interruption loses at most N steps
+    )
+    save_total_limit: int = 2  # checkpoints kept on disk (oldest deleted)
+    logging_steps: int = 10  # log the mean loss every N optimiser steps
+    seed: int = 42  # fresh head init, data order, flow noise and tau, dropout
+    dataloader_num_workers: int = 0  # worker processes decoding frames and building inputs
+    max_skip_fraction: float = 0.01  # abort at start-up if more of the episodes than this are unusable
+
+    def __post_init__(self) -> None:
+        positive = (
+            "global_batch_size",
+            "per_device_batch_size",
+            "max_steps",
+            "save_steps",
+            "save_total_limit",
+        )
+        for name in (*positive, "logging_steps"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"recipe.{name}: expected an int >= 1, got {value!r}")
+        for name in ("horizon", "action_dim", "state_dim", "n_action_steps"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"recipe.{name}: expected null or an int >= 1, got {value!r}")
+        if not (isinstance(self.learning_rate, (int, float)) and self.learning_rate > 0):
+            raise ValueError(f"recipe.learning_rate: expected a number > 0, got {self.learning_rate!r}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ValueError(f"recipe.warmup_ratio: expected a value in [0, 1), got {self.warmup_ratio!r}")
+        if self.weight_decay < 0:
+            raise ValueError(f"recipe.weight_decay: expected >= 0, got {self.weight_decay!r}")
+        for name in ("adam_beta1", "adam_beta2"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ValueError(f"recipe.{name}: expected a value in [0, 1), got {getattr(self, name)!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"recipe.max_grad_norm: expected >= 0, got {self.max_grad_norm!r}")
+        if not isinstance(self.lora_rank, int) or self.lora_rank < 0:
+            raise ValueError(f"recipe.lora_rank: expected an int >= 0, got {self.lora_rank!r}")
+        if self.lora_alpha <= 0:
+            raise ValueError(f"recipe.lora_alpha: expected > 0, got {self.lora_alpha!r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"recipe.lora_dropout: expected a value in [0, 1), got {self.lora_dropout!r}")
+        if self.norm_mode not in ("mean_std", "min_max", "quantile"):
+            raise ValueError(
+                f"recipe.norm_mode: expected 'mean_std', 'min_max' or 'quantile', got {self.norm_mode!r}"
+            )
+        if self.camera_keys is not None and (
+            not isinstance(self.camera_keys, list)
+            or not self.camera_keys
+            or len(set(self.camera_keys)) != len(self.camera_keys)
+        ):
+            raise ValueError(
+                f"recipe.camera_keys: expected null or a list of distinct keys, got {self.camera_keys!r}"
+            )
+        if self.dataloader_num_workers < 0:
+            raise ValueError(
+                f"recipe.dataloader_num_workers: expected >= 0, got {self.dataloader_num_workers!r}"
+            )
+        if not 0.0 <= self.max_skip_fraction < 1.0:
+            raise ValueError(
+                f"recipe.max_skip_fraction: expected a value in [0, 1), got {self.max_skip_fraction!r}"
+            )
+
+    def gradient_accumulation_steps(self, processes: int) -> int:
+        """global_batch_size / (per_device_batch_size x processes); it must divide exactly."""
+        per_step = self.per_device_batch_size * processes
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"recipe: global_batch_size={self.global_batch_size} is not a multiple of per_device_batch_size "
+                f"({self.per_device_batch_size}) x processes ({processes}) = {per_step}"
+            )
+        return self.global_batch_size // per_step
+
+
+def load_stage3_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> Stage3Recipe:
+    """A `Stage3Recipe` from a shipped name (`paper-libero`, `paper-robocasa`, `cpu-tiny`) or a YAML file;
+    `overrides` (None values ignored) replace fields. Unknown keys are a `ValueError` naming them."""
+    path = Path(name_or_path)
+    shipped = STAGE3_RECIPES_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        path = shipped
+    elif not path.is_file():
+        names = sorted(p.stem for p in STAGE3_RECIPES_DIR.glob("*.yaml"))
+        raise ValueError(
+            f"recipe: {str(name_or_path)!r} is neither a shipped stage-3 recipe {names} nor a YAML file"
+        )
+    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(values, dict):
+        raise ValueError(f"recipe {path}: expected a mapping of fields, got {type(values).__name__}")
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in dataclasses.fields(Stage3Recipe)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"recipe {path}: unknown fields {unknown}; known: {sorted(known)}")
+    return Stage3Recipe(**values)
+
+
+def resolve_stage3_recipe(
+    recipe: str | os.PathLike | Stage3Recipe, max_steps: int | None = None
+) -> Stage3Recipe:
+    """A shipped name, YAML path or `Stage3Recipe`, with `max_steps` (when given) replacing its length."""
+    if not isinstance(recipe, Stage3Recipe):
+        return load_stage3_recipe(recipe, max_steps=max_steps)
+    return recipe if max_steps is None else dataclasses.replace(recipe, max_steps=max_steps)
+
+
+# ---- model -----------------------------------------------------------------------------------------------------
+@dataclass
+class StartPoint:
+    """What the starting checkpoint was (Table 5 / Table 7 rows are told apart by it)."""
+
+    kind: str  # "stage2" | "no-pretraining" | "single-encoder" | "stage3"
+    motion_tokens: bool  # the vocabulary holds motion tokens (stage 2 added them)
+    spatial_branch: bool  # the 3D branch is on (fusion alpha != 0)
+    alpha: float  # the fusion's alpha as loaded
+
+
+def load_start_model(
+    model_dir: str | os.PathLike, recipe: Stage3Recipe, dataset_dims: tuple[int, int] | None = None
+) -> tuple[VipaForActionPrediction, VipaProcessor, StartPoint]:
+    """The `VipaForActionPrediction` to post-train, its processor and what kind of checkpoint it came from.
+
+    A checkpoint without an action head gets a fresh one (initialised from `recipe.seed`), sized by the
+    checkpoint's `action_head_config` with the recipe's horizon / widths (None: the widest dataset's,
+    `dataset_dims = (state_dim, action_dim)`). A stage-3 checkpoint keeps its head; a recipe width that
+    disagrees with it is a `ValueError`.
+    """
+    folder = Path(model_dir)
+    if not (folder / "config.json").is_file():
+        raise ValueError(f"model_dir: no VIPA checkpoint (config.json) in {str(folder)!r}")
+    config = VipaConfig.from_pretrained(str(folder))
+    is_action = "VipaForActionPrediction" in (config.architectures or [])
+    head = config.action_head_config
+    wanted = {"horizon": recipe.horizon, "action_dim": recipe.action_dim, "state_dim": recipe.state_dim}
+    if is_action:
+        clash = {
+            k: (v, getattr(head, k)) for k, v in wanted.items() if v is not None and v != getattr(head, k)
+        }
+        if clash:
+            raise ValueError(
+                f"recipe: {', '.join(f'{k}={v[0]} but the checkpoint head has {v[1]}' for k, v in clash.items())}; "
+                "a trained head keeps its sizes (start from a checkpoint without an action head to change them)"
+            )
+    else:
+        if dataset_dims is not None:
+            wanted["state_dim"] = wanted["state_dim"] or dataset_dims[0]
+            wanted["action_dim"] = wanted["action_dim"] or dataset_dims[1]
+        values = {name: getattr(head, name) for name in _HEAD_FIELDS}
+        values.update({k: v for k, v in wanted.items() if v is not None})
+        config.action_head_config = VipaActionHeadConfig(**values)
+    torch.manual_seed(recipe.seed)  # the fresh head's initialisation
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report lists a fresh head as MISSING: expected, checked below
+    try:
+        model, info = VipaForActionPrediction.from_pretrained(
+            str(folder), config=config, dtype=torch.float32, output_loading_info=True
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    fresh = () if is_action else ("action_queries", "action_head.")
+    problems = {
+        "missing": [k for k in info["missing_keys"] if not k.startswith(fresh)],
+        "unexpected": list(info["unexpected_keys"]),
+        "mismatched": [str(m) for m in info["mismatched_keys"]],
+    }
+    if any(problems.values()):
+        raise ValueError(f"model_dir: {str(folder)!r} does not load into VipaForActionPrediction: {problems}")
+    processor = VipaProcessor.from_pretrained(str(folder), trust_remote_code=False)
+    check_compatible(model, processor)
+    alpha = float(model.model.fusion.alpha.detach())
+    motion = model.config.motion_token_ids is not None
+    if is_action:
+        kind = "stage3"
+    elif alpha == 0.0:
+        kind = "single-encoder"
+    else:
+        kind = "stage2" if motion else "no-pretraining"
+    return model, processor, StartPoint(kind, motion, alpha != 0.0, alpha)
+
+
+def stage3_trainable_prefixes(
+    model: torch.nn.Module, recipe: Stage3Recipe, start: StartPoint
+) -> tuple[str, ...]:
+    """Name prefixes (of the unwrapped, PEFT-free model) that train: `set_trainable(model, 3)`'s (the LLM and the
+    action head), the fusion when `recipe.train_fusion` and the 3D branch is on, and with LoRA the action head,
+    queries and fusion only (the adapters are added on top)."""
+    prefixes = ["action_queries", "action_head."]
+    if recipe.lora_rank == 0:
+        # set_trainable(model, 3) also lists lm_head: tied, it is the embedding matrix (named under the LLM);
+        # untied, the flow-matching loss never reaches it, and a parameter without gradient breaks DDP
+        prefixes.append("model.language_model.")
+    if recipe.train_fusion and start.spatial_branch:
+        prefixes.append("model.fusion.")
+    return tuple(prefixes)
+
+
+def apply_trainable(model: torch.nn.Module, recipe: Stage3Recipe, start: StartPoint) -> torch.nn.Module:
+    """Freeze / unfreeze per `stage3_trainable_prefixes`; with `recipe.lora_rank > 0` wrap the model with PEFT
+    LoRA adapters on the LLM's linear layers. Returns the model to train (the PEFT wrapper or the model)."""
+    prefixes = stage3_trainable_prefixes(model, recipe, start)
+    if recipe.lora_rank > 0:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=recipe.lora_rank,
+                lora_alpha=recipe.lora_alpha,
+                lora_dropout=recipe.lora_dropout,
+                target_modules=_LLM_LINEAR,
+            ),
+        )
+        base = model.get_base_model()
+        for name, param in base.named_parameters():
+            param.requires_grad_("lora_" in name or name.startswith(prefixes))
+    else:
+        for name, param in model.named_parameters():
+            param.requires_grad_(name.startswith(prefixes))
+    return model
+
+
+def _base_model(model: torch.nn.Module) -> VipaForActionPrediction:
+    """The `VipaForActionPrediction` inside a PEFT wrapper (or the model itself)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _set_modes(model: torch.nn.Module) -> None:
+    """Train mode for what trains; eval mode (no dropout) for frozen parts (encoders, projector, a frozen fusion)."""
+    model.train()
+    base = _base_model(model).model
+    for module in (base.vision_tower, base.multi_modal_projector, base.spatial_encoder, base.fusion):
+        if not any(p.requires_grad for p in module.parameters()):
+            module.eval()
+
+
+# ---- data ------------------------------------------------------------------------------------------------------
+@dataclass
+class _Source:
+    """One dataset of the run."""
+
+    path: str  # as given
+    dataset: Any  # LeRobotV3Dataset
+    spec: EmbodimentSpec  # cameras, widths, unnorm_key
+
+
+def open_sources(
+    data: str | os.PathLike | list[str | os.PathLike], recipe: Stage3Recipe, max_views: int, horizon: int
+) -> tuple[list[_Source], dict[str, Any]]:
+    """Open every dataset, check it at start-up and say what was left out.
+
+    Missing features, an unknown camera key, too many views, a vector feature of another shape, timestamps that
+    disagree with fps: `ValueError` naming the dataset, file, episode and feature (the reader's checks and ours).
+    Episodes with NaN / inf state or actions, empty ones, undecodable videos: skipped and counted by the reader;
+    more than `recipe.max_skip_fraction` of them is a `ValueError`. Returns the sources and the data report.
+    """
+    from training.lerobot_dataset import LeRobotMeta, LeRobotV3Dataset, open_lerobot_dataset
+
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    if not paths:
+        raise ValueError("data: at least one LeRobot v3 dataset is needed")
+    if len(paths) > 1 and recipe.unnorm_key is not None:
+        raise ValueError(
+            "recipe.unnorm_key names one dataset's statistics; with several datasets each uses its folder name"
+        )
+    sources, report = [], {"datasets": []}
+    for given in paths:
+        root = open_lerobot_dataset(given)
+        meta = LeRobotMeta.load(root)
+        where = f"dataset {str(given)!r}"
+        features = meta.features
+        for key in (recipe.state_key, recipe.action_key):
+            if key not in features:
+                raise ValueError(
+                    f"{where}: feature {key!r} missing from meta/info.json; it has {sorted(features)}"
+                )
+        cameras = list(recipe.camera_keys or meta.camera_keys)
+        unknown = [k for k in cameras if k not in meta.camera_keys]
+        if unknown:
+            raise ValueError(f"{where}: camera key(s) {unknown} not among its cameras {meta.camera_keys}")
+        if not cameras:
+            raise ValueError(f"{where}: no camera features (dtype video or image) in meta/info.json")
+        if len(cameras) > max_views:
+            raise ValueError(
+                f"{where}: {len(cameras)} cameras {cameras} but the model takes at most {max_views} frames; "
+                "choose some with recipe.camera_keys"
+            )
+        dims = {}
+        for part, key in (("state", recipe.state_key), ("action", recipe.action_key)):
+            shape = features[key].get("shape") or [1]
+            if len(shape) != 1:
+                raise ValueError(f"{where}: feature {key!r} must be a vector, got shape {shape}")
+            dims[part] = int(shape[0])
+        # the reader checks every episode: NaN/inf, empty episodes, damaged videos are counted skips in its report
+        dataset = LeRobotV3Dataset(
+            root,
+            camera_keys=cameras,
+            action_horizon=horizon,
+            state_key=recipe.state_key,
+            action_key=recipe.action_key,
+        )
+        total, skipped = len(meta.episodes), len(dataset.report["skipped_episodes"])
+        entry = {
+            "dataset": str(given),
+            "root": str(root),
+            "episodes": total,
+            "episodes_kept": dataset.report["episodes"],
+            "frames": len(dataset),
+            "skipped": dict(dataset.report["skipped"]),
+            "skipped_episodes": {str(k): v for k, v in list(dataset.report["skipped_episodes"].items())[:50]},
+        }
+        if skipped / max(total, 1) > recipe.max_skip_fraction:
+            raise ValueError(
+                f"{where}: {skipped} of {total} episodes unusable, more than max_skip_fraction="
+                f"{recipe.max_skip_fraction:.1%}: {list(entry['skipped_episodes'].values())[:5]}"
+            )
+        key = recipe.unnorm_key or Path(str(given).rstrip("/")).name
+        spec = EmbodimentSpec(
+            unnorm_key=key,
+            camera_keys=cameras,
+            state_key=recipe.state_key,
+            action_key=recipe.action_key,
+            state_dim=dims["state"],
+            action_dim=dims["action"],
+            fps=float(meta.fps),
+            n_action_steps=recipe.n_action_steps,
+        )
+        entry["unnorm_key"] = key
+        report["datasets"].append(entry)
+        sources.append(_Source(str(given), dataset, spec))
+    keys = [s.spec.unnorm_key for s in sources]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"data: two datasets share an unnorm_key (folder name) {keys}; rename a folder")
+    return sources, report
+
+
+def attach_norm_stats(processor: VipaProcessor, sources: list[_Source], recipe: Stage3Recipe) -> None:
+    """Put each dataset's statistics into the processor under its unnorm_key (replacing an older entry of that
+    name; other datasets' entries are kept). The processor has one norm mode for all its datasets."""
+    from training.lerobot_dataset import norm_stats_for_processor
+
+    mode = "min_max" if recipe.norm_mode == "quantile" else recipe.norm_mode
+    others = {k: v for k, v in processor.norm_stats.items() if k not in {s.spec.unnorm_key for s in sources}}
+    if others and processor.norm_mode != mode:
+        raise ValueError(
+            f"recipe.norm_mode={recipe.norm_mode!r} but the checkpoint's processor normalises its other datasets "
+            f"{sorted(others)} with {processor.norm_mode!r}; one processor has one mode"
+        )
+    stats = dict(others)
+    for source in sources:
+        meta = source.dataset.meta
+        stats.update(
+            norm_stats_for_processor(
+                meta, recipe.state_key, recipe.action_key, recipe.norm_mode, source.spec.unnorm_key
+            )
+        )
+    processor.norm_mode = mode
+    processor.norm_stats = processor._check_norm_stats(stats, mode)
+
+
+class _Concat(torch.utils.data.Dataset):
+    """The sources end to end; an item is (source index, the reader's sample dict)."""
+
+    def __init__(self, sources: list[_Source]) -> None:
+        self.sources = sources
+        self.offsets = np.cumsum([0] + [len(s.dataset) for s in sources])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def __getitem__(self, index: int) -> tuple[int, dict]:
+        s = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return s, self.sources[s].dataset[index - int(self.offsets[s])]
+
+
+class ActionCollator:
+    """Reader samples -> model inputs, normalised and padded to the head (see the module docstring).
+
+    Returns `input_ids, attention_mask, pixel_values, spatial_pixel_values, spatial_frame_mask` (as the policy
+    builds them), `state (B, S_head)`, `actions (B, H, A_head)`, `action_mask (B, H, A_head)` float (1 = loss).
+    """
+
+    def __init__(
+        self, processor: VipaProcessor, specs: list[EmbodimentSpec], state_dim: int, action_dim: int
+    ) -> None:
+        self.processor, self.specs = processor, specs
+        self.state_dim, self.action_dim = state_dim, action_dim
+
+    def __call__(self, items: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
+        batch = len(items)
+        frames, tasks = [], []
+        horizon = items[0][1][self.specs[items[0][0]].action_key].shape[0]
+        state = torch.zeros(batch, self.state_dim)
+        actions = torch.zeros(batch, horizon, self.action_dim)
+        mask = torch.zeros(batch, horizon, self.action_dim)
+        for b, (s, item) in enumerate(items):
+            spec = self.specs[s]
+            frames.append([item[k] for k in spec.camera_keys])
+            tasks.append(item["task"])
+            raw_state = torch.as_tensor(item[spec.state_key], dtype=torch.float32)
+            raw_actions = torch.as_tensor(item[spec.action_key], dtype=torch.float32)
+            state[b, : spec.state_dim] = self.processor.normalize_state(raw_state, spec.unnorm_key)
+            actions[b, :, : spec.action_dim] = self.processor.normalize_actions(raw_actions, spec.unnorm_key)
+            real = ~torch.as_tensor(item[f"{spec.action_key}_is_pad"], dtype=torch.bool)
+            mask[b, :, : spec.action_dim] = real[:, None].float()
+        inputs = prepare_observation_inputs(self.processor, frames, tasks)
+        return {**inputs, "state": state, "actions": actions, "action_mask": mask}
+
+
+class _EpochSampler(torch.utils.data.Sampler):
+    """This process's share of a seeded epoch order, starting `start` samples in (exact resume).
+
+    Each dataset's order is LeRobot-reader friendly (`EpisodeGroupedSampler`: shuffled blocks of consecutive
+    frames, so a video block is decoded once, not once per sample); the datasets' orders are cut into pieces of
+    `_PIECE` samples and the pieces shuffled together, so a batch can mix embodiments. Every epoch's order is a
+    function of (seed, epoch) alone: the data position of optimiser step s is known without replaying the data.
+    Whole batches only (the last incomplete one is dropped: all processes step together).
+    """
+
+    _PIECE = 64
+
+    def __init__(self, sources: list[_Source], batch: int, rank: int, processes: int, seed: int) -> None:
+        from training.lerobot_dataset import EpisodeGroupedSampler
+
+        self.samplers = [EpisodeGroupedSampler(s.dataset, seed=seed) for s in sources]
+        self.offsets = np.cumsum([0] + [len(s.dataset) for s in sources])
+        size = int(self.offsets[-1])
+        self.batch, self.rank, self.processes, self.seed = batch, rank, processes, seed
+        self.per_process = (size // processes) // batch * batch
+        if self.per_process == 0:
+            raise ValueError(
+                f"data: {size} samples cannot fill one batch of {batch} on each of {processes} process(es)"
+            )
+        self.epoch, self.start = 0, 0
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.per_process // self.batch
+
+    def set_position(self, epoch: int, start_batch: int) -> None:
+        self.epoch, self.start = epoch, start_batch * self.batch
+
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """Every process's samples of `epoch`, interleaved (rank r takes positions r, r + P, ...)."""
+        pieces = []
+        for sampler, offset in zip(self.samplers, self.offsets[:-1], strict=False):
+            sampler.set_epoch(epoch)
+            order = np.fromiter(iter(sampler), dtype=np.int64) + offset
+            pieces += [order[i : i + self._PIECE] for i in range(0, len(order), self._PIECE)]
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        return np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
+
+    def __iter__(self):
+        mine = self.epoch_order(self.epoch)[self.rank :: self.processes][: self.per_process]
+        return iter(mine[self.start :].tolist())
+
+    def __len__(self) -> int:
+        return self.per_process - self.start
+
+
+def masked_flow_loss(velocity: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of (velocity - target)^2 over the entries where mask is 1 (real steps, real dimensions)."""
+    err = (velocity.float() - target.float()) ** 2 * mask
+    return err.sum() / mask.sum().clamp(min=1.0)
+
+
+# ---- run state and checkpoints ---------------------------------------------------------------------------------
+class _RunState:
+    """What Accelerate does not checkpoint by itself: the step, the flow-noise generator, the loss history."""
+
+    def __init__(self, seed: int) -> None:
+        self.step = 0
+        self.noise = torch.Generator().manual_seed(seed)
+        self.losses: list[dict[str, float]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "noise": self.noise.get_state(), "losses": list(self.losses)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = int(state["step"])
+        self.noise.set_state(state["noise"])
+        self.losses = list(state["losses"])
+
+
+def latest_checkpoint(output_dir: str | os.PathLike) -> Path | None:
+    """The newest complete `OUTPUT/checkpoints/step-N` folder, or None."""
+    folder = Path(output_dir) / CHECKPOINTS
+    found = sorted(
+        p for p in folder.glob("step-*") if _STEP_DIR.match(p.name) and (p / "recipe.json").is_file()
+    )
+    return found[-1] if found else None
+
+
+def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, recipe: Stage3Recipe) -> None:
+    """Accelerate's state to a temporary folder, renamed into place once complete; old ones pruned."""
+    root = output_dir / CHECKPOINTS
+    final, tmp = root / f"step-{step:08d}", root / f".tmp-step-{step:08d}"
+    if accelerator.is_main_process:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        (tmp / "recipe.json").write_text(
+            json.dumps(dataclasses.asdict(recipe), indent=2)
+        )  # marks it complete
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        done = sorted(p for p in root.glob("step-*") if _STEP_DIR.match(p.name))
+        for old in done[: -recipe.save_total_limit]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+def _check_resume_recipe(checkpoint: Path, recipe: Stage3Recipe) -> None:
+    saved = json.loads((checkpoint / "recipe.json").read_text())
+    now = dataclasses.asdict(recipe)
+    differ = sorted(k for k in now if k not in _RESUME_FREE and saved.get(k) != now[k])
+    if differ:
+        raise ValueError(
+            f"resume: the recipe differs from the one {checkpoint} was trained with in {differ} "
+            f"({[(k, saved.get(k), now[k]) for k in differ][:5]}); resume with the same recipe"
+        )
+
+
+# ---- run -------------------------------------------------------------------------------------------------------
+@dataclass
+class Stage3Result:
+    """What `train_stage3` did."""
+
+    output_dir: Path  # the final checkpoint folder (or where the checkpoints are, if stopped early)
+    steps: int  # optimiser steps done in total
+    finished: bool  # max_steps reached and the final checkpoint written
+    start: StartPoint  # the starting checkpoint's kind
+    losses: list[dict[str, float]] = field(default_factory=list)  # {"step", "loss", "lr"} per logging window
+    data_report: dict[str, Any] = field(default_factory=dict)  # datasets, episodes kept / skipped and why
+
+
+def train_stage3(
+    model_dir: str | os.PathLike,
+    data: str | os.PathLike | list[str | os.PathLike],
+    output_dir: str | os.PathLike,
+    recipe: str | os.PathLike | Stage3Recipe = "cpu-tiny",
+    resume: bool = False,
+    max_steps: int | None = None,
+    stop_after_steps: int | None = None,
+) -> Stage3Result:
+    """Post-train `model_dir` on the LeRobot v3 dataset(s) `data`; the final checkpoint goes to `output_dir`.
+
+    recipe: a shipped name (`cpu-tiny`, `paper-libero`, `paper-robocasa`), a YAML path or a `Stage3Recipe`;
+        `max_steps` overrides its length.
+    resume: continue from the newest `output_dir/checkpoints/step-N` (a `ValueError` if there is none).
+    stop_after_steps: stop once this many optimiser steps are done in total, after writing a checkpoint
+        (time-boxed jobs, interruption tests); the run is then resumable and `finished` is False.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType, set_seed
+    from transformers import get_scheduler
+
+    recipe = resolve_stage3_recipe(recipe, max_steps)
+    output_dir = Path(output_dir)
+    checkpoint = None
+    if resume:
+        checkpoint = latest_checkpoint(output_dir)
+        if checkpoint is None:
+            raise ValueError(f"resume: no {CHECKPOINTS}/step-N folder in {str(output_dir)!r} to resume from")
+        _check_resume_recipe(checkpoint, recipe)
+    processes = world_size()
+    accumulation = recipe.gradient_accumulation_steps(processes)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision(recipe.bf16),
+        gradient_accumulation_steps=accumulation,
+        step_scheduler_with_optimizer=False,
+    )
+    set_seed(recipe.seed, device_specific=True)
+    distributed = accelerator.distributed_type
+
+    # -- model and data, every check before the first step --
+    peek = VipaConfig.from_pretrained(str(model_dir)) if (Path(model_dir) / "config.json").is_file() else None
+    max_views = min(peek.max_frames, 4) if peek is not None else 4
+    head_peek = peek.action_head_config if peek is not None else None
+    horizon = recipe.horizon or (head_peek.horizon if head_peek is not None else 16)
+    sources, report = open_sources(data, recipe, max_views, horizon)
+    dims = (max(s.spec.state_dim for s in sources), max(s.spec.action_dim for s in sources))
+    model, processor, start = load_start_model(model_dir, recipe, dims)
+    head = model.config.action_head_config
+    if head.horizon != horizon:
+        raise ValueError(
+            f"recipe.horizon: data chunks of {horizon} steps but the head predicts {head.horizon}"
+        )
+    max_views = min(model.config.max_frames, processor.max_frames)
+    for s in sources:
+        if len(s.spec.camera_keys) > max_views:
+            raise ValueError(
+                f"dataset {s.path!r}: {len(s.spec.camera_keys)} cameras, the model takes {max_views}"
+            )
+        for part, width, limit in (
+            ("state", s.spec.state_dim, head.state_dim),
+            ("action", s.spec.action_dim, head.action_dim),
+        ):
+            key = s.spec.state_key if part == "state" else s.spec.action_key
+            if width > limit:
+                raise ValueError(
+                    f"dataset {s.path!r}: feature {key!r} has {width} dims, wider than the head's {part}_dim={limit}; "
+                    f"start from a checkpoint without an action head and set recipe.{part}_dim >= {width}"
+                )
+    attach_norm_stats(processor, sources, recipe)
+    if recipe.lora_rank and distributed in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ValueError(
+            "recipe.lora_rank > 0 runs on one process or DDP (the adapters are merged at the end)"
+        )
+    cache = None
+    if recipe.spatial_cache and start.spatial_branch:
+        if distributed == DistributedType.FSDP:
+            raise ValueError(
+                "recipe.spatial_cache needs CUT3R whole on every process; turn it off under FSDP"
+            )
+        from training.spatial_cache import SpatialTokenCache
+
+        cache = SpatialTokenCache(output_dir / "spatial_cache", model.model.spatial_encoder.eval())
+    if recipe.gradient_checkpointing:
+        model.model.language_model.gradient_checkpointing_enable({"use_reentrant": False})
+    if not start.spatial_branch:
+        logger.info("start: %s checkpoint (alpha = 0): fusion frozen, CUT3R not run", start.kind)
+    model = apply_trainable(model, recipe, start)
+    prefixes = stage3_trainable_prefixes(_base_model(model), recipe, start)
+    expected = sorted(
+        n
+        for n, _ in model.named_parameters()
+        if n.split("base_model.model.")[-1].startswith(prefixes) or "lora_" in n
+    )
+    assert_trainable(model, expected, STAGE)
+    summary = summarize_trainable(_base_model(model))
+    logger.info(
+        "stage 3 (%s start): %d of %d parameters trainable",
+        start.kind,
+        summary["trainable"],
+        summary["total"],
+    )
+
+    dataset = _Concat(sources)
+    sampler = _EpochSampler(
+        sources,
+        recipe.per_device_batch_size,
+        accelerator.process_index,
+        accelerator.num_processes,
+        recipe.seed,
+    )
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=recipe.per_device_batch_size,
+        sampler=sampler,
+        collate_fn=ActionCollator(processor, [s.spec for s in sources], head.state_dim, head.action_dim),
+        num_workers=recipe.dataloader_num_workers,
+        generator=torch.Generator(),  # the loader's base seed never draws from the global RNG (exact resume)
+    )
+    report.update(
+        {
+            "samples": len(dataset),
+            "batches_per_epoch": sampler.batches_per_epoch,
+            "start": dataclasses.asdict(start),
+        }
+    )
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        write_json(report, output_dir / "data_report.json")
+        write_json({"stage": STAGE, **summary, "names": expected}, output_dir / "trainable_parameters.json")
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        params,
+        lr=recipe.learning_rate,
+        betas=(recipe.adam_beta1, recipe.adam_beta2),
+        weight_decay=recipe.weight_decay,
+    )
+    scheduler = get_scheduler(
+        recipe.lr_scheduler_type,
+        optimizer,
+        num_warmup_steps=math.ceil(recipe.warmup_ratio * recipe.max_steps),
+        num_training_steps=recipe.max_steps,
+    )
+    if (
+        distributed == DistributedType.DEEPSPEED
+    ):  # its "auto" micro batch comes from a prepared loader otherwise
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = (
+            recipe.per_device_batch_size
+        )
+    model, optimizer = accelerator.prepare(model, optimizer)
+    assert_trainable(model, expected, STAGE)  # nothing the wrappers did changed what trains
+    run = _RunState(recipe.seed + 7919 * accelerator.process_index)
+    accelerator.register_for_checkpointing(scheduler, run)
+    if checkpoint is not None:
+        accelerator.load_state(str(checkpoint))
+        logger.info("resumed from %s at step %d", checkpoint, run.step)
+    accelerator.step = run.step * accumulation
+    _set_modes(model)
+    inner = _base_model(accelerator.unwrap_model(model))
+
+    # -- the loop --
+    stop = min(recipe.max_steps, stop_after_steps or recipe.max_steps)
+    window: list[float] = []
+    micro = run.step * accumulation
+    tic = time.perf_counter()
+    while run.step < stop:
+        epoch, offset = divmod(micro, sampler.batches_per_epoch)
+        sampler.set_position(epoch, offset)
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = _loss(model, inner, batch, run.noise, accelerator.device, start.spatial_branch, cache)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and recipe.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(model.parameters(), recipe.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad()
+            micro += 1
+            window.append(float(loss.detach()))
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            run.step += 1
+            if run.step % recipe.logging_steps == 0 or run.step == stop:
+                mean = accelerator.reduce(torch.tensor(np.mean(window), device=accelerator.device), "mean")
+                entry = {"step": run.step, "loss": float(mean), "lr": float(scheduler.get_last_lr()[0])}
+                run.losses.append(entry)
+                window = []
+                logger.info(
+                    "step %d loss %.5f lr %.3g (%.1f s)",
+                    run.step,
+                    entry["loss"],
+                    entry["lr"],
+                    time.perf_counter() - tic,
+                )
+            if run.step % recipe.save_steps == 0 or run.step == stop:
+                _save_checkpoint(accelerator, output_dir, run.step, recipe)
+            if run.step >= stop:
+                break
+    result = Stage3Result(output_dir, run.step, run.step >= recipe.max_steps, start, list(run.losses), report)
+    if not result.finished:
+        logger.warning("stopped at step %d of %d; resume with --resume", run.step, recipe.max_steps)
+        return result
+    _save_final(accelerator, model, processor, sources, recipe, start, run, output_dir, data, model_dir)
+    return result
+
+
+def _loss(
+    model: Any,
+    inner: VipaForActionPrediction,
+    batch: dict[str, torch.Tensor],
+    generator: torch.Generator,
+    device: torch.device,
+    spatial_branch: bool,
+    cache: Any,
+) -> torch.Tensor:
+    """The masked flow-matching loss of one micro-batch (noise and tau from the run's own generator)."""
+    batch = {k: v.to(device) for k, v in batch.items()}
+    actions, mask = batch.pop("actions"), batch.pop("action_mask")
+    if not spatial_branch:  # alpha = 0: CUT3R's output cannot matter
+        batch["spatial_tokens"] = zero_spatial_tokens(inner, batch.pop("spatial_pixel_values"))
+    elif cache is not None:
+        batch["spatial_tokens"] = cache.get_or_compute(
+            batch.pop("spatial_pixel_values"), batch["spatial_frame_mask"]
+        )
+    noise = torch.randn(actions.shape, generator=generator).to(device)
+    tau = inner.action_head.sample_tau(actions.shape[0], torch.device("cpu"), generator=generator).to(device)
+    out = model(**batch, actions=actions, noise=noise, tau=tau)
+    return masked_flow_loss(out.velocity, actions - noise, mask)
+
+
+def _save_final(
+    accelerator: Any,
+    model: Any,
+    processor: VipaProcessor,
+    sources: list[_Source],
+    recipe: Stage3Recipe,
+    start: StartPoint,
+    run: _RunState,
+    output_dir: Path,
+    data: Any,
+    model_dir: str | os.PathLike,
+) -> None:
+    """The loadable checkpoint: merged weights (safetensors), processor with the statistics, policy config."""
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    if recipe.lora_rank > 0:
+        final = unwrapped.merge_and_unload()  # plain weights: no PEFT needed to load the checkpoint
+        state_dict = final.state_dict()
+    else:
+        final = unwrapped
+        state_dict = accelerator.get_state_dict(model)
+    if not accelerator.is_main_process:
+        accelerator.wait_for_everyone()
+        return
+    final.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
+    processor.save_pretrained(str(output_dir))
+    policy = read_policy_config(model_dir)  # a stage-3 start keeps its other embodiments
+    for source in sources:
+        policy.embodiments[source.spec.unnorm_key] = source.spec
+    policy.default_unnorm_key = sources[0].spec.unnorm_key
+    policy.write(output_dir)
+    losses = run.losses
+    write_training_summary(
+        output_dir,
+        STAGE,
+        run.step,
+        data if isinstance(data, (str, os.PathLike)) else ", ".join(map(str, data)),
+        losses[-1]["loss"] if losses else None,
+        recipe,
+        final,
+        start=dataclasses.asdict(start),
+        losses=losses,
+        unnorm_keys=[s.spec.unnorm_key for s in sources],
+    )
+    accelerator.wait_for_everyone()
