@@ -17,6 +17,7 @@ from hand3d_dataset.calibration import (
 )
 
 H, W = 120, 160
+SURFACE = LocalizationConfig(estimate="surface")  # the visible-surface centre (the default is the centre)
 K = np.array([[150.0, 0.0, 79.3], [0.0, 150.0, 60.2], [0.0, 0.0, 1.0]])
 
 
@@ -169,7 +170,7 @@ def test_localised_sphere_on_table_within_1cm_of_visible_surface_centre(seed):
     depth, box, visible_centre, centre, obj = _table_scene(rng)
     s_true = 3.1
     pm = (_rays() * depth[..., None] / s_true).astype(np.float32)  # unscaled cloud
-    loc = localize_object(box, pm, scale=s_true)
+    loc = localize_object(box, pm, scale=s_true, config=SURFACE)
     assert isinstance(loc, ObjectLocation) and loc.reason is None
     assert np.linalg.norm(loc.xyz - visible_centre) < 0.005, (loc.xyz, visible_centre)  # ~1.5 mm seen
     assert loc.num_pixels > 30
@@ -185,11 +186,70 @@ def test_localisation_with_background_filling_most_of_a_loose_box():
     depth, box, visible_centre, _, obj = _table_scene(rng, radius=0.04, margin=14)
     pm = _rays() * depth[..., None]
     assert obj[int(box[1] + 1) : int(box[3]), int(box[0] + 1) : int(box[2])].mean() < 0.2  # mostly table
-    loc = localize_object(box, pm)
+    loc = localize_object(box, pm, config=SURFACE)
     assert np.linalg.norm(loc.xyz - visible_centre) < 0.01
     # keeping too much of the box lets the table in front of the object's base pull the result off
-    loose = localize_object(box, pm, config=LocalizationConfig(inner_fraction=1.0, seed_fraction=1.0))
+    loose = localize_object(
+        box, pm, config=LocalizationConfig(inner_fraction=1.0, seed_fraction=1.0, estimate="surface")
+    )
     assert np.linalg.norm(loose.xyz - visible_centre) > 0.01
+
+
+@pytest.mark.parametrize("radius", [0.03, 0.04, 0.06])
+def test_centre_estimate_of_a_sphere_on_a_table(radius):
+    """The default estimate against the sphere's analytic centre. Pixel-uniform points on a sphere's
+    visible cap lie r·sqrt(1 - u) behind its front point, u uniform in [0, 1) (CDF x^2), so the cap's
+    5 %-95 % depth range is (sqrt(0.95) - sqrt(0.05)) r = 0.751 r: the estimate is pushed back by at
+    most that, and lands within 0.45 r of the centre where the surface is ~r away."""
+    depth, box, visible_centre, centre, _ = _table_scene(np.random.default_rng(0), radius, 0.0, margin=1)
+    s_true = 0.8
+    pm = (_rays() * depth[..., None] / s_true).astype(np.float32)
+    loc = localize_object(box, pm, scale=s_true)
+    surf = localize_object(box, pm, scale=s_true, config=SURFACE)
+    assert loc.reason is None and surf.depth_offset == 0.0
+    cap_range = (np.sqrt(0.95) - np.sqrt(0.05)) * radius
+    assert 0.5 * radius < loc.depth_offset <= cap_range + 1e-3, (loc.depth_offset, cap_range)
+    assert np.linalg.norm(loc.xyz - centre) < 0.45 * radius, (loc.xyz, centre)
+    assert np.linalg.norm(surf.xyz - centre) > 0.9 * radius
+    # the centre lies on the surface point's viewing ray, depth_offset behind it
+    ray = surf.xyz / np.linalg.norm(surf.xyz)
+    np.testing.assert_allclose(loc.xyz, surf.xyz + loc.depth_offset * ray, atol=1e-6)
+
+
+def test_centre_estimate_of_a_box_standing_on_a_table():
+    """A 7 x 7 x 6 cm box (axis-aligned, standing on the table) ray-cast by the slab method: the camera
+    sees its top and front faces; the estimate must lie nearer the box's centre than its surface does."""
+    R, t = _look_at(np.array([0.02, -0.5, 0.45]), np.array([0.0, 0.0, 0.0]))
+    lo_w, hi_w = np.array([-0.035, -0.035, 0.0]), np.array([0.035, 0.035, 0.06])
+    centre = R @ ((lo_w + hi_w) / 2) + t
+    C = -R.T @ t  # camera centre in the world
+    dirs = _rays() @ R  # (H, W, 3) world directions of the pixel rays (z = 1 in the camera)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t1, t2 = (lo_w - C) / dirs, (hi_w - C) / dirs
+    t_near = np.minimum(t1, t2).max(-1)
+    t_far = np.maximum(t1, t2).min(-1)
+    hit = (t_near <= t_far) & (t_far > 0)
+    plane = (
+        -C[2] / dirs[..., 2]
+    )  # the table z = 0; depth = ray parameter since the camera-frame ray has z = 1
+    plane = np.where(plane > 0, plane, np.inf)
+    depth = np.where(hit & (t_near < plane), t_near, plane)
+    ii, jj = np.nonzero(hit)
+    box = [jj.min() - 0.5, ii.min() - 0.5, jj.max() + 0.5, ii.max() + 0.5]
+    pm = _rays() * depth[..., None]
+    loc = localize_object(box, pm)
+    surf = localize_object(box, pm, config=SURFACE)
+    err, err_surface = np.linalg.norm(loc.xyz - centre), np.linalg.norm(surf.xyz - centre)
+    assert err_surface > 0.03 and err < 0.015 and err < 0.5 * err_surface, (err, err_surface)
+
+
+def test_centre_estimate_of_a_flat_face_stays_on_it():
+    """A camera-facing plane (a box's front face at 0.7 m): the visible shell has no depth, so the
+    centre estimate does not move behind the face."""
+    pm = _rays() * 1.5
+    pm[40:80, 60:100] = _rays()[40:80, 60:100] * 0.7
+    loc = localize_object([55.5, 35.5, 104.5, 84.5], pm)
+    assert loc.depth_offset < 1e-9 and loc.xyz[2] == pytest.approx(0.7)
 
 
 def test_empty_and_degenerate_boxes_give_reasons_not_numbers():
@@ -255,6 +315,8 @@ J = np.array([[0.0, 0.0, 1.0]] * 3)
         (lambda: localize_objects([0, 0, 5, 5], PM), r"boxes_xyxy: expected shape \(B, 4\)"),
         (lambda: LocalizationConfig(inner_fraction=0.0), "inner_fraction"),
         (lambda: LocalizationConfig(min_pixels=0), "min_pixels"),
+        (lambda: LocalizationConfig(estimate="middle"), "estimate: expected one of"),
+        (lambda: LocalizationConfig(shell_quantile=0.5), "shell_quantile"),
     ],
 )
 def test_bad_input_raises_value_error_naming_the_argument(call, match):
