@@ -24,26 +24,48 @@ Split: clip i (position in the source's order) goes to `test` when ``frac((i + 1
 (φ the golden ratio, a low-discrepancy sequence: every ~1/test_fraction consecutive clips hold a test
 clip, and a clip's split never depends on num_clips or the workers). All samples of a clip share its
 split, so test clips never appear in train (Hand3D-test = the `visual` test split).
+
+Several sources (`BuildConfig.sources`, `hand3d build --sources synth:,hot3d:ROOT,arctic:ROOT:0.5`)
+make one dataset: each source contributes the first `num_clips` clips of its own order, the split of
+each follows its index in that order (so a clip has the same split as in a build of its source
+alone), and a weight w < 1 keeps a stable share w of them (clip kept when a hash of its id, uniform
+in [0, 1), is below w: independent of the order and of the other sources). Clips are processed source
+after source in the order given; ids stay the sources' own (two sources yielding one id is an error).
+`report.json` holds `per_source` counts (clips, rows per task type, skips by reason), the table
+`hand3d stats` prints (`hand3d_dataset.stats`).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import multiprocessing as mp
 import os
-import re
 import time
+import zlib
 from collections import Counter
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 from datasets import Dataset
 
+from hand3d_dataset.calibration import ESTIMATES
 from hand3d_dataset.pipeline import ACTION_FEATURES, VISUAL_FEATURES, ClipResult, PipelineConfig, process_clip
+from hand3d_dataset.stats import per_source_from_clips, reason_kind
 
-__all__ = ["BuildConfig", "build", "is_test_clip", "shard_paths", "make_source", "make_models"]
+__all__ = [
+    "BuildConfig",
+    "SourceSpec",
+    "build",
+    "is_test_clip",
+    "keep_clip",
+    "parse_sources",
+    "shard_paths",
+    "make_source",
+    "make_models",
+]
 
 GOLDEN = (5**0.5 - 1) / 2  # fractional part of the golden ratio φ
 CONFIGS = {"visual": VISUAL_FEATURES, "action": ACTION_FEATURES}
@@ -54,8 +76,11 @@ SPLITS = ("train", "test")
 class BuildConfig:
     """Settings of one build; all but num_clips/num_workers/progress must match when resuming."""
 
-    source: str = "synth"  # registry name (sources.get_source)
+    source: str = "synth"  # registry name (sources.get_source); ignored when `sources` is set
     source_root: str | None = None  # dataset folder of a real source (e.g. hot3d); unused by synth
+    # several sources in one dataset, "name:ROOT[:WEIGHT],..." (synth takes no root: "synth:" or "synth::0.5");
+    # WEIGHT in (0, 1] is the stable share of the source's clips kept (default 1); replaces source/source_root
+    sources: str | None = None
     num_clips: int = 100  # first N clips of the source's order
     out: str = "hand3d"  # output folder (default ./hand3d, so load_dataset("hand3d", "visual") works)
     num_workers: int = 1  # processes annotating clips; 1 runs in this process
@@ -69,6 +94,9 @@ class BuildConfig:
     )
     detector: str = "gt-boxes"  # object boxes: "gt-boxes" or "grounding-dino:<folder|hub id>"
     device: str = "cpu"  # where a learnt estimator / detector runs ("cpu", "cuda", "cuda:1")
+    object_position: str = (
+        "centre"  # objects in rows: "centre" (estimated volumetric) or "surface" (visible face)
+    )
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -80,6 +108,16 @@ class BuildConfig:
             raise ValueError(f"test_fraction: expected a value in [0, 1), got {self.test_fraction}")
         _parse_model_spec("estimator", self.estimator)
         _parse_model_spec("detector", self.detector)
+        if self.object_position not in ESTIMATES:
+            raise ValueError(f"object_position: expected one of {ESTIMATES}, got {self.object_position!r}")
+        if self.sources is not None:
+            parse_sources(self.sources)
+
+    def source_specs(self) -> list[SourceSpec]:
+        """The sources of this build: `sources` parsed, or the single `source`/`source_root` at weight 1."""
+        if self.sources is not None:
+            return parse_sources(self.sources)
+        return [SourceSpec(self.source, self.source_root, 1.0)]
 
     def resume_key(self) -> dict:
         """Settings that change the content of a shard (a resumed build must match them)."""
@@ -87,6 +125,67 @@ class BuildConfig:
         for k in ("num_clips", "num_workers", "progress", "out", "device"):
             d.pop(k)
         return d
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """One entry of `BuildConfig.sources`."""
+
+    name: str  # registry name (sources.SOURCES)
+    root: str | None  # dataset folder; None for synth
+    weight: float  # share of the source's clips kept, in (0, 1]
+
+
+def parse_sources(spec: str) -> list[SourceSpec]:
+    """'synth:,hot3d:/data/hot3d,arctic:/data/arctic:0.5' -> [SourceSpec, ...]; errors name the entry.
+
+    Each comma-separated entry is ``name:ROOT[:WEIGHT]``; the last ``:`` part is a weight only when it
+    reads as a number, so roots may contain ``:``. `synth` renders its clips and takes no root.
+    """
+    from hand3d_dataset.sources import SOURCES
+
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"sources: expected 'name:ROOT[:WEIGHT],...', got {spec!r}")
+    out: list[SourceSpec] = []
+    for item in (x.strip() for x in spec.split(",")):
+        if not item:
+            raise ValueError(f"sources: empty entry in {spec!r} (two commas, or a trailing comma)")
+        name, sep, rest = item.partition(":")
+        if not sep:
+            raise ValueError(
+                f"sources: entry {item!r} is not 'name:ROOT[:WEIGHT]' (synth takes no root: write 'synth:')"
+            )
+        if name not in SOURCES:
+            raise ValueError(f"sources: unknown source {name!r} in {item!r}; available: {sorted(SOURCES)}")
+        root, weight = rest, 1.0
+        head, colon, tail = rest.rpartition(":")
+        if colon:
+            try:
+                weight = float(tail)
+            except ValueError:
+                pass  # a ':' inside the root, not a weight
+            else:
+                root = head
+        if not (math.isfinite(weight) and 0.0 < weight <= 1.0):
+            raise ValueError(
+                f"sources: weight of {name!r} in {item!r} must be in (0, 1] (the share of its clips kept), got {weight}"
+            )
+        if name == "synth" and root:
+            raise ValueError(
+                f"sources: synth renders its clips and takes no root; got {item!r} (write 'synth:')"
+            )
+        if name != "synth" and not root:
+            raise ValueError(f"sources: {name!r} reads a dataset folder; write '{name}:ROOT' (got {item!r})")
+        entry = SourceSpec(name, root or None, weight)
+        if any((e.name, e.root) == (entry.name, entry.root) for e in out):
+            raise ValueError(f"sources: {item!r} is listed twice in {spec!r}")
+        out.append(entry)
+    return out
+
+
+def keep_clip(clip_id: str, weight: float) -> bool:
+    """Whether a source of weight `weight` keeps `clip_id`: a hash of the id, uniform in [0, 1), < weight."""
+    return weight >= 1.0 or zlib.crc32(f"hand3d-weight/{clip_id}".encode()) / 2**32 < weight
 
 
 def is_test_clip(index: int, test_fraction: float) -> bool:
@@ -99,17 +198,20 @@ def shard_paths(out: Path, shard: int) -> dict[tuple[str, str], Path]:
     return {(c, s): out / "data" / c / f"{s}-{shard:05d}.parquet" for c in CONFIGS for s in SPLITS}
 
 
-def make_source(cfg: BuildConfig):
-    """The source adapter named by cfg.source, sized for the build."""
+def make_source(cfg: BuildConfig, spec: SourceSpec | None = None):
+    """The source adapter of `spec` (default: cfg.source / cfg.source_root), sized for the build."""
     from hand3d_dataset.sources import get_source
 
-    if cfg.source == "synth":
+    name, root = (cfg.source, cfg.source_root) if spec is None else (spec.name, spec.root)
+    if name == "synth":
         return get_source(
             "synth", num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
         )
-    if cfg.source_root is None:
-        raise ValueError(f"source_root: source {cfg.source!r} reads a dataset folder; pass --source-root DIR")
-    return get_source(cfg.source, root=cfg.source_root)
+    if root is None:
+        raise ValueError(f"source_root: source {name!r} reads a dataset folder; pass --source-root DIR")
+    if not Path(root).exists():
+        raise FileNotFoundError(f"source_root: {root!r} of source {name!r} does not exist")
+    return get_source(name, root=root)
 
 
 # Model specs of `BuildConfig.estimator` / `.detector`: kind -> whether it takes ":<folder or hub id>".
@@ -165,25 +267,27 @@ def make_models(cfg: BuildConfig):
 _WORKER: dict = {}
 
 
-def _init_worker(cfg: BuildConfig, source, estimator, detector, pipeline_cfg: PipelineConfig) -> None:
-    """Per process: build (or receive) the source and models once."""
+def _init_worker(cfg: BuildConfig, sources: dict, estimator, detector, pipeline_cfg: PipelineConfig) -> None:
+    """Per process: build (or receive) the sources and models once. sources: name -> adapter or None."""
     if estimator is None or detector is None:
         estimator, detector = make_models(cfg)
+    specs = {s.name: s for s in cfg.source_specs()}
     _WORKER.update(
         cfg=cfg,
-        source=source if source is not None else make_source(cfg),
+        sources={n: src if src is not None else make_source(cfg, specs[n]) for n, src in sources.items()},
         estimator=estimator,
         detector=detector,
         pipeline=pipeline_cfg,
     )
 
 
-def _run_clip(clip_id: str) -> ClipResult:
-    """Load and annotate one clip; any failure becomes a skip reason (the run never stops for data)."""
+def _run_clip(item: tuple[str, str]) -> ClipResult:
+    """Load and annotate one clip (source name, clip id); any failure becomes a skip reason (the run
+    never stops for data)."""
     w = _WORKER
-    source_name = w["cfg"].source
+    source_name, clip_id = item
     try:
-        clip = w["source"].load_clip(clip_id)
+        clip = w["sources"][source_name].load_clip(clip_id)
     except Exception as e:  # a corrupt or unreadable input: record and carry on
         return ClipResult(
             clip_id=clip_id, source=source_name, skipped=f"load failed: {type(e).__name__}: {e}"
@@ -225,6 +329,7 @@ def _write_shard(out: Path, shard: int, results: list[ClipResult], test: dict[st
         clips.append(
             {
                 "clip_id": r.clip_id,
+                "source": r.source,
                 "split": "test" if test[r.clip_id] else "train",
                 "skipped": r.skipped,
                 "notes": r.notes,
@@ -240,18 +345,9 @@ def _write_shard(out: Path, shard: int, results: list[ClipResult], test: dict[st
     return {"shard": shard, "clips": clips}
 
 
-def _reason_kind(reason: str) -> str:
-    """Groups reasons for counting: "frame 3 object 'mug': degenerate box [..]" → "object: degenerate box",
-    "frame 6: no hand in view, dropped" → "frame: no hand in view, dropped", "load failed: ..." → "load failed"."""
-    head, _, rest = reason.partition(": ")
-    if head.startswith("frame "):
-        kind = "object" if " object " in head else "frame"
-        detail = re.sub(r"\d+(\.\d+)?", "N", rest.split(" [")[0].split(" (")[0])
-        return f"{kind}: {detail}"
-    return head
-
-
-def _report(cfg: BuildConfig, markers: list[dict], elapsed: float, processed: int) -> dict:
+def _report(
+    cfg: BuildConfig, markers: list[dict], elapsed: float, processed: int, requested: dict[str, int]
+) -> dict:
     clips = [c for m in markers for c in m["clips"]]
     done = [c for c in clips if c["skipped"] is None]
     samples: dict = {c: {s: Counter() for s in SPLITS} for c in CONFIGS}
@@ -274,14 +370,14 @@ def _report(cfg: BuildConfig, markers: list[dict], elapsed: float, processed: in
     for c in done:
         filtered.update(c["action_filtered"])
     skipped = [{"clip_id": c["clip_id"], "reason": c["skipped"]} for c in clips if c["skipped"] is not None]
-    notes = Counter(_reason_kind(n) for c in clips for n in c["notes"])
+    notes = Counter(reason_kind(n) for c in clips for n in c["notes"])
     return {
         "config": asdict(cfg),
-        "clips_requested": cfg.num_clips,
+        "clips_requested": sum(requested.values()),
         "clips_done": len(done),
         "clips_skipped": len(skipped),
         "skipped": skipped,
-        "skip_reasons": dict(Counter(_reason_kind(s["reason"]) for s in skipped)),
+        "skip_reasons": dict(Counter(reason_kind(s["reason"]) for s in skipped)),
         "frame_drops": dict(notes),
         "splits": {s: sorted(c["clip_id"] for c in done if c["split"] == s) for s in SPLITS},
         "samples": {c: {s: dict(sorted(v.items())) for s, v in d.items()} for c, d in samples.items()},
@@ -298,6 +394,8 @@ def _report(cfg: BuildConfig, markers: list[dict], elapsed: float, processed: in
             "rel_error_median": float(np.median(rel)) if rel.size else None,
             "rel_error_max": float(rel.max()) if rel.size else None,
         },
+        # per source and task type: clips, rows, skips by reason (hand3d_dataset.stats, paper Tables 1-2)
+        "per_source": per_source_from_clips(clips, requested),
         "this_run": {
             "clips_processed": processed,
             "elapsed_s": round(elapsed, 3),
@@ -336,13 +434,30 @@ def build(
     for stale in [*state.glob(".*.tmp"), *out.glob("data/*/.*.tmp")]:
         stale.unlink(missing_ok=True)
     pipeline = pipeline or PipelineConfig()
-    if source is None:
-        source = make_source(cfg)
-    ids = list(source.clip_ids())[: cfg.num_clips]
-    if len(ids) < cfg.num_clips:
-        print(f"hand3d build: source {cfg.source!r} has only {len(ids)} clips")
-    test = {cid: is_test_clip(i, cfg.test_fraction) for i, cid in enumerate(ids)}
-    shards = [ids[k : k + cfg.shard_size] for k in range(0, len(ids), cfg.shard_size)]
+    # the build's own setting decides what an object's position is (it is part of the resume key)
+    pipeline = replace(pipeline, localization=replace(pipeline.localization, estimate=cfg.object_position))
+    specs = cfg.source_specs()
+    if source is not None and not isinstance(source, dict):
+        if len(specs) != 1:
+            raise ValueError("source: pass a dict {name: adapter} when the build has several sources")
+        source = {specs[0].name: source}
+    adapters = {s.name: (source or {}).get(s.name) or make_source(cfg, s) for s in specs}
+    items: list[tuple[str, str]] = []  # (source name, clip id) in processing order
+    test: dict[str, bool] = {}
+    requested: dict[str, int] = {}
+    for spec in specs:
+        ids = list(adapters[spec.name].clip_ids())[: cfg.num_clips]
+        if len(ids) < cfg.num_clips and spec.name != "synth":
+            print(f"hand3d build: source {spec.name!r} has only {len(ids)} clips")
+        for i, cid in enumerate(ids):
+            if not keep_clip(cid, spec.weight):
+                continue
+            if cid in test:
+                raise ValueError(f"sources: clip id {cid!r} comes from two sources; ids must be unique")
+            test[cid] = is_test_clip(i, cfg.test_fraction)  # the index in its own source's order
+            items.append((spec.name, cid))
+        requested[spec.name] = sum(1 for n, _ in items if n == spec.name)
+    shards = [items[k : k + cfg.shard_size] for k in range(0, len(items), cfg.shard_size)]
     marker = lambda k: state / f"shard-{k:05d}.json"  # noqa: E731
     todo = [k for k in range(len(shards)) if not marker(k).exists()]
     work = [cid for k in todo for cid in shards[k]]
@@ -350,9 +465,9 @@ def build(
     from tqdm.auto import tqdm
 
     bar = tqdm(
-        total=len(ids), initial=len(ids) - len(work), unit="clip", disable=not cfg.progress, desc="hand3d"
+        total=len(items), initial=len(items) - len(work), unit="clip", disable=not cfg.progress, desc="hand3d"
     )
-    init = (cfg, source, estimator, detector, pipeline)
+    init = (cfg, adapters, estimator, detector, pipeline)
     pool = None
     if cfg.num_workers > 1 and work:
         # spawn: MuJoCo's EGL context and torch's threads do not survive fork
@@ -375,7 +490,7 @@ def build(
             pool.terminate()
             pool.join()
     markers = [json.loads(marker(k).read_text()) for k in range(len(shards))]
-    report = _report(cfg, markers, time.perf_counter() - t0, len(work))
+    report = _report(cfg, markers, time.perf_counter() - t0, len(work), requested)
     _atomic_json(out / "report.json", report)
 
     from hand3d_dataset.publish import write_card

@@ -3,6 +3,8 @@
     hand3d convert-mano MANO_RIGHT.pkl MANO_RIGHT.npz   # one-time, pickle-free copy of a MANO model
     hand3d walkthrough                                  # geometry tour on the real fixtures
     hand3d build --source synth --num-clips 100 --out hand3d --num-workers 2   # build Hand3D (resumable)
+    hand3d build --sources synth:,hot3d:HOT3D/ --out hand3d        # one dataset from several sources
+    hand3d stats hand3d                                 # per-source table (paper Tables 1-2) + stats.png
     hand3d publish hand3d [--repo-id my-org/hand3d]     # dataset card (+ upload to the Hub)
     hand3d evaluate --model runs/stage2 --data hand3d --out eval   # Hand3D-test metrics + Figures 8-9
 
@@ -12,6 +14,7 @@ Each sub-command imports its heavy modules lazily so that `hand3d --help` stays 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -36,6 +39,8 @@ def _build(args: argparse.Namespace) -> int:
     cfg = BuildConfig(
         source=args.source,
         source_root=None if args.source_root is None else str(args.source_root),
+        sources=args.sources,
+        object_position=args.object_position,
         num_clips=args.num_clips,
         out=str(args.out),
         num_workers=args.num_workers,
@@ -58,6 +63,23 @@ def _build(args: argparse.Namespace) -> int:
         + (f"{rate} clips/min; " if rate else "")
         + f"report: {Path(cfg.out) / 'report.json'}"
     )
+    from hand3d_dataset.stats import format_table
+
+    print(format_table(report["per_source"]))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from hand3d_dataset.stats import dataset_stats, format_table, plot_stats
+
+    stats = dataset_stats(args.dir)
+    print(format_table(stats))
+    if not args.no_plot:
+        path = plot_stats(stats, args.plot or Path(args.dir) / "stats.png")
+        print(f"hand3d stats: wrote {path}")
+    if args.json is not None:
+        args.json.write_text(json.dumps(stats, indent=1))
+        print(f"hand3d stats: wrote {args.json}")
     return 0
 
 
@@ -143,6 +165,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--source-root", type=Path, default=None, help="dataset folder of a real source (e.g. hot3d)"
     )
+    p.add_argument(
+        "--sources",
+        default=None,
+        help="several sources in one dataset, replacing --source/--source-root: comma-separated "
+        "name:ROOT[:WEIGHT] (synth takes no root: 'synth:'), WEIGHT in (0, 1] the stable share of that "
+        "source's clips kept, e.g. synth:,hot3d:HOT3D/,arctic:/data/arctic:0.5",
+    )
+    p.add_argument(
+        "--object-position",
+        default="centre",
+        choices=["centre", "surface"],
+        help="object positions in the rows: the estimated volumetric centre, or the visible-surface "
+        "centre (default: centre)",
+    )
     p.add_argument("--num-clips", type=int, default=100, help="number of clips (default: 100)")
     p.add_argument("--out", type=Path, default=Path("hand3d"), help="output folder (default: ./hand3d)")
     p.add_argument("--num-workers", type=int, default=1, help="worker processes (default: 1)")
@@ -165,6 +201,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="device of a learnt estimator/detector (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_build)
+
+    p = sub.add_parser(
+        "stats",
+        help="per-source statistics of a built folder (paper Tables 1-2) and a plot",
+        description="Counts clips and rows per source and task type from DIR/data/*/*.parquet (with train/test "
+        "rows and each source's share of its config), skips by reason from DIR/report.json; prints the table "
+        "and writes a bar chart (PNG).",
+    )
+    p.add_argument("dir", type=Path, help="folder written by `hand3d build`")
+    p.add_argument("--plot", type=Path, default=None, help="PNG path (default: DIR/stats.png)")
+    p.add_argument("--no-plot", action="store_true", help="print the table only")
+    p.add_argument("--json", type=Path, default=None, help="also write the statistics as JSON here")
+    p.set_defaults(func=_stats)
 
     p = sub.add_parser(
         "publish",

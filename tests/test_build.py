@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from hand3d_dataset.build import BuildConfig, build, is_test_clip
+from hand3d_dataset.build import BuildConfig, build, is_test_clip, parse_sources
 from hand3d_dataset.estimators import GroundTruthBoxDetector, GroundTruthDepthEstimator
 from hand3d_dataset.publish import write_card
 from tests.hand3d_fake_source import EmptyBoxDetector, FakeSource, InterruptingSource
@@ -189,3 +189,125 @@ def test_bad_build_config_raises():
         BuildConfig(num_clips=0)
     with pytest.raises(ValueError, match="test_fraction"):
         BuildConfig(test_fraction=1.5)
+
+
+# ---------------------------------------------------------------- several sources in one build (issue 17 §4)
+
+HOT3D = REPO.parent / "shared" / "fixtures" / "real" / "hot3d"
+
+
+def _rows_by_source(out: Path) -> dict[str, dict[str, set]]:
+    """source -> {"clips": clip ids with rows, "rows": row ids}, read here with pyarrow."""
+    res: dict = {}
+    for path in (out / "data").glob("*/*.parquet"):
+        t = pq.read_table(path, columns=["id", "source", "clip_id"]).to_pylist()
+        for r in t:
+            e = res.setdefault(r["source"], {"clips": set(), "rows": set(), "splits": {}})
+            e["clips"].add(r["clip_id"])
+            e["rows"].add(r["id"])
+            e["splits"].setdefault(r["clip_id"], set()).add(path.name.split("-")[0])
+    return res
+
+
+def test_two_sources_build_one_dataset_with_per_source_counts(tmp_path):
+    if not HOT3D.is_dir():
+        pytest.skip(f"needs the HOT3D fixture at {HOT3D} (../shared absent)")
+    pytest.importorskip("mujoco", reason="the synth source renders with MuJoCo (vipa-vla[sim])")
+    out = tmp_path / "hand3d"
+    cfg = BuildConfig(
+        sources=f"synth:,hot3d:{HOT3D}", num_clips=4, out=str(out), image_size=64, frames=3,
+        shard_size=3, progress=False,
+    )  # fmt: skip
+    report = build(cfg)
+    got = _rows_by_source(out)
+    synth_ids = [f"synth-s0-{i:06d}" for i in range(4)]
+    assert got["synth"]["clips"] == set(synth_ids)  # every synth clip annotated
+    # each clip keeps the split of its index in its own source's order
+    for i, cid in enumerate(synth_ids):
+        assert got["synth"]["splits"][cid] == {"test" if is_test_clip(i, 0.1) else "train"}
+    # HOT3D: two sequences; the Aria one has no camera_models.json and is skipped with that reason
+    hot = report["per_source"]["sources"]["hot3d"]
+    assert got["hot3d"]["clips"] == {"hot3d-Quest3-P0002_273c2819"}
+    assert hot["clips_requested"] == 2 and hot["clips_done"] == 1 and hot["clips_skipped"] == 1
+    assert hot["skip_reasons"] == {"load failed": 1}
+    assert any("camera_models.json" in s["reason"] for s in report["skipped"])
+    # per-source rows in the report equal the rows in the files
+    for name in ("synth", "hot3d"):
+        per = report["per_source"]["sources"][name]
+        assert sum(t["rows"] for t in per["tasks"].values()) == len(got[name]["rows"])
+        assert per["clips_done"] == len(got[name]["clips"])
+    ids = [i for e in got.values() for i in e["rows"]]
+    assert len(ids) == len(set(ids))
+
+
+def test_source_weight_keeps_a_stable_share_of_clips(tmp_path):
+    pytest.importorskip("mujoco", reason="the synth source renders with MuJoCo (vipa-vla[sim])")
+    common = dict(num_clips=12, image_size=48, frames=2, shard_size=4, progress=False)
+    half = build(BuildConfig(sources="synth::0.5", out=str(tmp_path / "half"), **common))
+    full_ids = {f"synth-s0-{i:06d}" for i in range(12)}
+    kept = (
+        set(half["splits"]["train"]) | set(half["splits"]["test"]) | {s["clip_id"] for s in half["skipped"]}
+    )
+    assert kept < full_ids and 2 <= len(kept) <= 10  # a share, not all or none (12 fair coins: p < 0.04)
+    assert half["per_source"]["sources"]["synth"]["clips_requested"] == len(kept)
+    # the kept share depends on the ids only: a bigger build keeps the same clips among its first 12
+    more = build(BuildConfig(sources="synth::0.5", out=str(tmp_path / "more"), **{**common, "num_clips": 16}))
+    kept_more = (
+        set(more["splits"]["train"]) | set(more["splits"]["test"]) | {s["clip_id"] for s in more["skipped"]}
+    )
+    assert kept_more & full_ids == kept
+    # splits follow the clip's index in its source, whatever was dropped before it
+    for cid in kept:
+        i = int(cid.rsplit("-", 1)[1])
+        assert (cid in half["splits"]["test"]) == is_test_clip(i, 0.1)
+
+
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("synth", r"entry 'synth' is not 'name:ROOT\[:WEIGHT\]'"),
+        ("arctik:/data/arctic", "unknown source 'arctik'.*available"),
+        ("hot3d:", "'hot3d' reads a dataset folder; write 'hot3d:ROOT'"),
+        ("synth:/data", "synth renders its clips and takes no root"),
+        ("synth:,,hot3d:/x", "empty entry"),
+        ("hot3d:/x:0", r"weight of 'hot3d'.*\(0, 1\].*got 0.0"),
+        ("hot3d:/x:1.5", r"weight of 'hot3d'.*got 1.5"),
+        ("hot3d:/x:nan", "weight of 'hot3d'"),
+        ("hot3d:/x,hot3d:/x", "listed twice"),
+        ("", "sources: expected 'name:ROOT"),
+    ],
+)
+def test_bad_sources_strings_name_the_entry(spec, match):
+    with pytest.raises(ValueError, match=match):
+        BuildConfig(sources=spec)
+
+
+def test_sources_parse_roots_with_colons_and_weights():
+    specs = parse_sources("synth:, hot3d:C:/data/hot3d ,hot3d:/mnt/a:b:0.25")
+    assert [(s.name, s.root, s.weight) for s in specs] == [
+        ("synth", None, 1.0),
+        ("hot3d", "C:/data/hot3d", 1.0),
+        ("hot3d", "/mnt/a:b", 0.25),
+    ]
+
+
+def test_cli_reports_a_bad_sources_string_and_a_missing_root(tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    for spec, match in (
+        ("synth:,bogus:/x", "unknown source 'bogus'"),
+        (f"hot3d:{tmp_path}/nope", "does not exist"),
+    ):
+        res = subprocess.run(
+            [sys.executable, "-m", "hand3d_dataset.cli", "build", "--sources", spec, "--out", str(tmp_path / "o")],
+            capture_output=True, text=True, env=env, cwd=REPO, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 2 and match in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_object_position_is_validated_and_part_of_the_resume_key(tmp_path):
+    with pytest.raises(ValueError, match="object_position: expected one of"):
+        BuildConfig(object_position="middle")
+    out = tmp_path / "hand3d"
+    _build(out, FakeSource(2))
+    with pytest.raises(ValueError, match="other settings"):
+        _build(out, FakeSource(2), object_position="surface")
