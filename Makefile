@@ -5,7 +5,7 @@ PY_SYS  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= sim,demo,dev
+EXTRAS  ?= train,sim,robot,demo,dev
 # CPU torch: constraints keep every dependency from pulling the CUDA build (see constraints-cpu.txt).
 export PIP_CONSTRAINT := $(CURDIR)/constraints-cpu.txt
 export MUJOCO_GL ?= egl
@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml constraints-cpu.txt
 # Table-8-shaped results, then serve the Space on 127.0.0.1 (VIPA_NO_SERVE=1 or DEMO_ARGS=--no-serve skips it).
 # Phases are resumable: a second `make demo` skips what is done and serves.
 demo: $(STAMP)
-	$(PY) -m cpu_demo.main_job --out outputs/demo $(DEMO_ARGS)
+	$(PY) -m cpu_demo --out outputs/demo $(DEMO_ARGS)
 
 # The geometry tour on the real fixtures in ../shared/fixtures.
 walkthrough: $(STAMP)

@@ -37,27 +37,11 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
-from transformers.models.internvl.modeling_internvl import InternVLModel
 
+from evaluation.probe3d import image_token_regions
 from hand3d_dataset.clip import HAND_SEGMENT, Clip
 
-__all__ = ["DenseNameLoss", "image_token_regions", "token_name_targets", "token_log_depth"]
-
-
-def image_token_regions(tile: int, patch: int, downsample_ratio: float) -> np.ndarray:
-    """Which ViT patches each LLM image token is made of, in the order the LLM sees the tokens.
-
-    InternVL pixel-shuffles the (tile/patch)^2 patch grid; the permutation is read off by pushing the patch
-    indices through transformers' own `InternVLModel.pixel_shuffle`, so it cannot drift from the model.
-    Returns (N_tokens, patches_per_token) int64 row-major patch indices.
-    """
-    g = tile // patch
-    if g * patch != tile:
-        raise ValueError(f"tile: {tile} px is not a multiple of the {patch} px patch")
-    k = round(1 / downsample_ratio) ** 2
-    idx = torch.arange(g * g, dtype=torch.float64).reshape(1, g, g, 1)
-    shuffled = InternVLModel.pixel_shuffle(None, idx, scale_factor=downsample_ratio)
-    return shuffled.reshape(-1, k).long().numpy()
+__all__ = ["DenseNameLoss", "token_name_targets", "token_log_depth"]
 
 
 def token_name_targets(

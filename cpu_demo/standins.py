@@ -50,6 +50,7 @@ from torch import nn
 from transformers import PreTrainedTokenizerFast, TrainerCallback
 
 from hand3d_dataset.cameras import backproject_depth
+from hand3d_dataset.extras import require
 from modeling_vipa.configuration_cut3r import Cut3rConfig
 from modeling_vipa.configuration_vipa import VipaConfig, VipaFusionConfig, internvl_tiny_config
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
@@ -501,7 +502,7 @@ def pretrain_semantic_backbone(
     dense: a `cpu_demo.dense_names.DenseNameLoss`; each step then minimises
     `LM loss + cfg.dense_weight * dense(model)` (None, or dense_weight 0: the LM loss alone).
     """
-    from trl import SFTTrainer
+    SFTTrainer = require("trl", "train").SFTTrainer
 
     weight = cfg.dense_weight if dense is not None else 0.0
 
@@ -530,9 +531,7 @@ def pretrain_semantic_backbone(
 def backbone_sft_args(cfg: StandinConfig, output_dir: str | Path, seed: int = 0) -> Any:
     """TRL `SFTConfig` of the backbone stand-in. Precision on purpose (`training.common.resolve_bf16`): TRL's
     default is bf16, which on a CPU without native bf16 runs ~50x slower than float32."""
-    from trl import SFTConfig
-
-    return SFTConfig(
+    return require("trl", "train").SFTConfig(
         output_dir=str(output_dir),
         bf16=resolve_bf16(None),
         fp16=False,

@@ -44,6 +44,7 @@ import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
+from transformers.models.internvl.modeling_internvl import InternVLModel
 
 from hand3d_dataset.cameras import backproject_depth
 from hand3d_dataset.clip import HAND_SEGMENT, Clip
@@ -51,6 +52,7 @@ from hand3d_dataset.language import AXES, DEFAULT_GAMMA, direction_labels
 
 __all__ = [
     "Probe3DConfig",
+    "image_token_regions",
     "segment_centres",
     "cell_cover",
     "fit_ridge",
@@ -96,6 +98,22 @@ class Probe3DConfig:
 
 
 # ---- geometry: segments, their centres and the token cells they cover ------------------------------------------
+def image_token_regions(tile: int, patch: int, downsample_ratio: float) -> np.ndarray:
+    """Which ViT patches each LLM image token is made of, in the order the LLM sees the tokens.
+
+    InternVL pixel-shuffles the (tile/patch)^2 patch grid; the permutation is read off by pushing the patch
+    indices through transformers' own `InternVLModel.pixel_shuffle`, so it cannot drift from the model.
+    Returns (N_tokens, patches_per_token) int64 row-major patch indices.
+    """
+    g = tile // patch
+    if g * patch != tile:
+        raise ValueError(f"tile: {tile} px is not a multiple of the {patch} px patch")
+    k = round(1 / downsample_ratio) ** 2
+    idx = torch.arange(g * g, dtype=torch.float64).reshape(1, g, g, 1)
+    shuffled = InternVLModel.pixel_shuffle(None, idx, scale_factor=downsample_ratio)
+    return shuffled.reshape(-1, k).long().numpy()
+
+
 def segment_centres(clip: Clip, min_pixels: int = 20) -> list[tuple[int, int, str, np.ndarray, np.ndarray]]:
     """Every object / hand segment of every frame with at least `min_pixels` pixels of valid depth.
 
@@ -257,7 +275,6 @@ def _token_cover(
     cover = cell_cover(mask, *grid)
     if n_tokens == len(cover):
         return cover
-    from cpu_demo.dense_names import image_token_regions
 
     regions = image_token_regions(grid[0], 1, downsample_ratio)  # cell indices per LLM token
     if len(regions) != n_tokens:

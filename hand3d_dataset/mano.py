@@ -7,11 +7,11 @@ vertices and reorders the result to the 21 OpenPose joints of DESIGN.md §2 (0 w
 licensed and not shipped (https://mano.is.tue.mpg.de); with one at hand:
 
     >>> import torch
-    >>> from hand3d_dataset.mano import ManoLayer, fit_mano_to_joints
-    >>> layer = ManoLayer("MANO_RIGHT.pkl", use_pca=True, num_pca_comps=12)   # or a converted .npz
-    >>> out = layer(torch.zeros(2, 3), torch.zeros(2, 12))   # vertices (2, 778, 3), joints (2, 21, 3)
-    >>> joints = layer.forward_joints(torch.zeros(2, 3), torch.zeros(2, 12))   # (2, 21, 3), no full mesh
-    >>> fit = fit_mano_to_joints(layer, out.joints)           # fit.residual_mm, fit.flagged
+    >>> from hand3d_dataset.mano import ManoLayer, fit_mano_to_joints  # the lines below need a MANO model file
+    >>> layer = ManoLayer("MANO_RIGHT.pkl", use_pca=True, num_pca_comps=12)  # doctest: +SKIP
+    >>> out = layer(torch.zeros(2, 3), torch.zeros(2, 12))  # doctest: +SKIP
+    >>> joints = layer.forward_joints(torch.zeros(2, 3), torch.zeros(2, 12))  # doctest: +SKIP
+    >>> fit = fit_mano_to_joints(layer, out.joints)  # doctest: +SKIP
 
 Official `.pkl` files are pickles (Python 2, partly chumpy objects). They are read with the restricted
 unpickler of `hand3d_dataset.safe_pickle`, which rebuilds numpy arrays, scipy.sparse matrices and chumpy

@@ -41,14 +41,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import PIL.Image
-from datasets import Features, Image, List, Value
 
 from hand3d_dataset.calibration import LocalizationConfig, calibrate_scale, localize_object, sample_pointmap
 from hand3d_dataset.cameras import project, visibility
 from hand3d_dataset.clip import Clip
 from hand3d_dataset.estimators import detect_clip, estimate_clip
+from hand3d_dataset.records import (  # noqa: F401  (re-exported: pipeline's public names)
+    ACTION_FEATURES,
+    TARGET_FEATURES,
+    VISUAL_FEATURES,
+    ClipAnnotation,
+    ClipResult,
+    Sample,
+)
 from hand3d_dataset.samples_action import ActionSampleConfig, build_action_samples
-from hand3d_dataset.samples_visual import Sample, VisualSampleConfig, build_visual_samples
+from hand3d_dataset.samples_visual import VisualSampleConfig, build_visual_samples
 from processing_vipa.motion_tokenizer import MotionTokenizer
 
 __all__ = [
@@ -68,48 +75,6 @@ __all__ = [
     "VISUAL_FEATURES",
     "ACTION_FEATURES",
 ]
-
-# One struct schema for every row's target (samples_visual.empty_target), so all shards concatenate.
-TARGET_FEATURES = {
-    "labels": {"x": Value("string"), "y": Value("string"), "z": Value("string")},
-    "distance_m": Value("float64"),
-    "vector_m": List(Value("float64")),
-    "contact": Value("bool"),
-    "rotation": Value("string"),
-    "angle_deg": Value("float64"),
-    "rotvec_deg": List(Value("float64")),
-    "object": Value("string"),
-    "hand": Value("string"),
-    "relation": Value("string"),
-    "frame_indices": List(Value("int32")),
-    "trajectory": List(List(Value("float64"))),
-    "text": Value("string"),
-}
-# DESIGN.md §3 columns; `messages` is TRL's conversational format (image entries carry text=None).
-VISUAL_FEATURES = Features(
-    {
-        "id": Value("string"),
-        "source": Value("string"),
-        "clip_id": Value("string"),
-        "task_type": Value("string"),
-        "images": List(Image()),
-        "messages": List(
-            {"role": Value("string"), "content": List({"type": Value("string"), "text": Value("string")})}
-        ),
-        "target": TARGET_FEATURES,
-        # (3, 3) intrinsics of the last image, pixels of the stored image: projects `target` and
-        # `trajectory` (camera frame of that image) onto it, e.g. for the paper's Figure 9.
-        "K": List(List(Value("float64"))),
-    }
-)
-ACTION_FEATURES = Features(
-    {
-        **VISUAL_FEATURES,
-        "trajectory": List(List(Value("float64"))),  # (T, 3) wrist xyz, camera frame of the shown frame
-        "motion_ids": List(Value("int32")),  # (3T,) motion-token bin ids, x y z per waypoint
-    }
-)
-
 
 @dataclass(frozen=True)
 class PipelineConfig:
@@ -152,37 +117,6 @@ class PipelineConfig:
             raise ValueError(f"inlier_tol_m: expected a finite value >= 0, got {self.inlier_tol_m}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level: expected 0..9, got {self.png_compress_level}")
-
-
-@dataclass
-class ClipAnnotation:
-    """What the sample builders read: the clip plus the pipeline's 3D annotations (T frames, O objects)."""
-
-    clip: Clip  # the source clip (cameras, hands in world, task, frames)
-    frame_ok: np.ndarray  # (T,) bool: the frame has a usable image and a calibrated cloud
-    hand_visible: dict[str, np.ndarray]  # side → (T,) bool: tracked and in view (visibility filter)
-    object_names: list[str]  # O names, in clip.objects order
-    objects_cam: np.ndarray  # (T, O, 3) calibrated visible-surface centres, camera frame, metres; NaN = none
-    scale: float | None  # the clip's calibrated scale (None for trajectory-only clips)
-    target_object: str | None  # the object the task acts on (task_completion), None when unknown
-
-
-@dataclass
-class ClipResult:
-    """Outcome of `process_clip`: dataset rows, or the reason there are none, plus statistics."""
-
-    clip_id: str  # Clip.clip_id, or the requested id when loading failed
-    source: str  # source name
-    rows_visual: list[dict] = field(default_factory=list)  # Hand3D-visual rows (sample_to_row)
-    rows_action: list[dict] = field(default_factory=list)  # Hand3D-action rows
-    skipped: str | None = None  # why the clip gave no rows; None when it was annotated
-    notes: list[str] = field(default_factory=list)  # frame/object-level drops, one reason each
-    scale: float | None = None  # calibrated scale
-    scale_num_valid: int = 0  # |Ω| of the scale calibration
-    true_scale: float | None = None  # the estimator's known scale when it has one (ground-truth depth)
-    waypoints: int = 0  # motion waypoints tokenized (per axis)
-    clipped: int = 0  # waypoint coordinates clipped by the motion tokenizer (all axes)
-    action_stats: Counter = field(default_factory=Counter)  # filtered_insignificant / filtered_short
 
 
 def clip_seed(seed: int, clip_id: str) -> int:

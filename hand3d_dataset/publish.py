@@ -1,7 +1,7 @@
 """Dataset card and Hub upload of a built Hand3D folder (`hand3d publish`).
 
     >>> from hand3d_dataset.publish import write_card, publish
-    >>> card = write_card("hand3d")                    # README.md with configs, statistics, citation
+    >>> card = write_card("hand3d")  # doctest: +SKIP
     >>> # publish("hand3d", repo_id="my-org/hand3d")   # + upload with huggingface_hub
 
 The card's YAML `configs:` lists `visual` and `action`, each with the `train`/`test` parquet globs

@@ -32,11 +32,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from hand3d_dataset.language import describe_displacement
-from hand3d_dataset.samples_visual import Sample, empty_target
+from hand3d_dataset.records import Sample, empty_target
 from processing_vipa.motion_tokenizer import MotionTokenizer
 
 if TYPE_CHECKING:
-    from hand3d_dataset.pipeline import ClipAnnotation
+    from hand3d_dataset.records import ClipAnnotation
 
 __all__ = [
     "ACTION_TASK_TYPES",

@@ -32,15 +32,16 @@ hold only the direction words of the label set, one length and (camera) one angl
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
 from hand3d_dataset.language import AXES, describe_displacement, relative_camera_motion
+from hand3d_dataset.records import Sample, empty_target  # noqa: F401  (re-exported)
 
 if TYPE_CHECKING:  # pipeline imports this module; the annotation type is only needed for hints
-    from hand3d_dataset.pipeline import ClipAnnotation
+    from hand3d_dataset.records import ClipAnnotation
 
 __all__ = [
     "VISUAL_TASK_TYPES",
@@ -231,47 +232,6 @@ class VisualSampleConfig:
         ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected >= 0, got {getattr(self, name)}")
-
-
-@dataclass
-class Sample:
-    """One generated sample before it becomes a dataset row (`pipeline.sample_to_row`).
-
-    frame_indices: clip frames shown, in order (one {"type": "image"} per entry); empty for text-only.
-    target: the structured ground truth (`empty_target()` keys, one schema for every row).
-    trajectory / motion_ids: Hand3D-action only: (T, 3) wrist xyz and (3T,) motion-token bin ids.
-    """
-
-    task_type: str  # one of VISUAL_TASK_TYPES or samples_action.ACTION_TASK_TYPES
-    frame_indices: list[int]  # clip frame indices of the images, in order
-    question: str  # user text (after the image entries)
-    answer: str  # assistant text
-    target: dict  # structured ground truth, see empty_target
-    trajectory: np.ndarray | None = None  # (T, 3) camera frame of the shown frame, metres (action)
-    motion_ids: np.ndarray | None = None  # (3T,) int64 motion-token bin ids (action)
-    clipped: np.ndarray = field(default_factory=lambda: np.zeros(3, dtype=np.int64))  # (3,) per-axis clips
-
-
-def empty_target() -> dict:
-    """The target schema every row shares (parquet shards concatenate only with one schema).
-
-    Keys not used by a category stay None (`metrics.score_answer` treats None as absent) or empty.
-    """
-    return {
-        "labels": {"x": None, "y": None, "z": None},  # direction label per axis (language.AXIS_LABELS)
-        "distance_m": None,  # |v|, metres
-        "vector_m": [],  # v (3,), camera frame of the reference frame, metres
-        "contact": None,  # spatial_relationship: hand touches the object
-        "rotation": None,  # camera_movement: rotation words (language.ROTATION_LABELS) or None
-        "angle_deg": None,  # camera_movement: total rotation angle, degrees
-        "rotvec_deg": [],  # camera_movement: axis-angle vector (3,), degrees, camera i frame
-        "object": None,  # object name the sample is about
-        "hand": None,  # "left"/"right"
-        "relation": None,  # what v is: object_from_hand, hand_from_object, hand_motion, wrist_motion, ...
-        "frame_indices": [],  # clip frames the sample refers to (shown images, or past/future for action)
-        "trajectory": [],  # (T, 3) list of [x, y, z], metres, camera frame of the first listed frame
-        "text": "",  # canonical answer text (language.format_displacement / format_rotation)
-    }
 
 
 def hand_position(joints_or_wrist: np.ndarray) -> np.ndarray:

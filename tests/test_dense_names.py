@@ -7,16 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from hand3d_dataset.clip import HAND_SEGMENT
-from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-from tests.hand3d_fake_source import make_clip
-from cpu_demo.dense_names import DenseNameLoss, image_token_regions, token_log_depth, token_name_targets
+from cpu_demo.dense_names import DenseNameLoss, token_log_depth, token_name_targets
 from cpu_demo.standins import (
     StandinConfig,
     build_standin_processor,
     build_standin_tokenizer,
     standin_vipa_config,
 )
+from evaluation.probe3d import image_token_regions
+from hand3d_dataset.clip import HAND_SEGMENT
+from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
+from tests.hand3d_fake_source import make_clip
 
 TEXTS = ["The right hand is left of the red mug and right of the blue box, 0.3 m."] * 4
 

@@ -12,9 +12,9 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from hand3d_dataset.cli import main
 from evaluation.hand3d_test import evaluate_model
 from hand3d_dataset.atomic import write_json
+from hand3d_dataset.cli import main
 from hand3d_dataset.scoring import (
     MOTION_TASK_TYPES,
     evaluate_predictions,
@@ -43,7 +43,6 @@ def _answer(row) -> str:
 
 @pytest.fixture(scope="module")
 def hand3d(tmp_path_factory) -> Path:
-    pytest.importorskip("mujoco")
     out = tmp_path_factory.mktemp("hand3d")
     args = ["build", "--source", "synth", "--num-clips", "6", "--out", str(out), "--image-size", "64"]
     # 6 frames so that contextual motion prediction (3 past frames + a future) has samples

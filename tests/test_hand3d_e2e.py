@@ -29,8 +29,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mujoco")
-
 from hand3d_dataset.build import BuildConfig, build  # noqa: E402
 from hand3d_dataset.clip import HandTrack  # noqa: E402
 from hand3d_dataset.estimators import GroundTruthBoxDetector, GroundTruthDepthEstimator  # noqa: E402

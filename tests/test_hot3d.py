@@ -130,9 +130,7 @@ def test_full_joints_with_a_mano_model(tmp_path):
 
     import torch
 
-    mano_helpers = pytest.importorskip(
-        "tests.test_mano", reason="needs the synthetic MANO builder of test_mano"
-    )
+    import tests.test_mano as mano_helpers  # the synthetic MANO builder
     from hand3d_dataset.mano import ManoLayer
 
     for side, seed in (("left", 2), ("right", 1)):

@@ -16,9 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("mujoco")
-pytest.importorskip("trl")
-
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = (
     "build",

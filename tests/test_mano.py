@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.sparse as sp
+import smplx  # noqa: E402  (dev extra: the reference MANO implementation)
 import torch
 
 from hand3d_dataset.mano import (
@@ -29,8 +30,6 @@ from hand3d_dataset.mano import (
     fix_left_shapedirs,
     load_mano_model,
 )
-
-smplx = pytest.importorskip("smplx")
 
 # smplx builds its layers with torch.jit.script, which torch 2.13 deprecates
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")

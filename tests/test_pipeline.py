@@ -132,7 +132,6 @@ def test_config_validation():
 
 
 def test_synth_clip_scale_is_recovered_within_two_percent():
-    pytest.importorskip("mujoco")
     from hand3d_dataset.sources import get_source
 
     src = get_source("synth", num_clips=2, seed=1, image_size=96, num_frames=4)
@@ -144,7 +143,6 @@ def test_synth_clip_scale_is_recovered_within_two_percent():
 
 
 def test_row_intrinsics_project_the_action_trajectory_onto_the_hand_in_the_shown_image():
-    pytest.importorskip("mujoco")
     from hand3d_dataset.clip import HAND_SEGMENT
     from hand3d_dataset.sources import get_source
 

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 from cpu_demo.standins import (
     StandinConfig,
     build_standin_tokenizer,
     init_standin_vision_positions,
     standin_vipa_config,
 )
+from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 
 
 def test_standin_vision_positions_are_a_2d_sincos_code_that_tells_patches_apart() -> None:

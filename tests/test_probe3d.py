@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from hand3d_dataset.clip import HAND_SEGMENT, Clip, HandTrack, ObjectTrack
 from evaluation.probe3d import Probe3DConfig, cell_cover, fit_ridge, frame_pairs, pair_scores, segment_centres
+from hand3d_dataset.clip import HAND_SEGMENT, Clip, HandTrack, ObjectTrack
 
 
 def _clip(depth: np.ndarray, seg: np.ndarray, K: np.ndarray) -> Clip:
@@ -99,13 +99,13 @@ def test_config_errors_name_the_field():
 def _tiny_model_and_row():
     from PIL import Image
 
-    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
     from cpu_demo.standins import (
         StandinConfig,
         build_standin_processor,
         build_standin_tokenizer,
         standin_vipa_config,
     )
+    from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 
     answer = "It is left and forward, roughly 0.40 m from the red can."
     cfg = StandinConfig.quick()

@@ -12,7 +12,7 @@ from hand3d_dataset import samples_action as sa
 from hand3d_dataset import samples_visual as sv
 from hand3d_dataset.clip import Clip, HandTrack
 from hand3d_dataset.metrics import parse_answer
-from hand3d_dataset.pipeline import ClipAnnotation
+from hand3d_dataset.records import ClipAnnotation
 from tests.hand3d_fake_source import make_clip
 
 GAMMA = 0.3

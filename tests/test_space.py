@@ -19,8 +19,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-pytest.importorskip("gradio")
 from gradio_client import Client, handle_file  # noqa: E402
 
 from hand3d_dataset.metrics import parse_answer  # noqa: E402

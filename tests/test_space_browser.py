@@ -16,9 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-
-pytest.importorskip("gradio")
-sync_client = pytest.importorskip("websockets.sync.client")
+import websockets.sync.client as sync_client
 
 from tests.test_space import build_tiny_checkpoint, launch_space, write_examples  # noqa: E402
 from tests.tiny_assets import make_image  # noqa: E402

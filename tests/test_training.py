@@ -14,13 +14,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import datasets  # noqa: E402
 import numpy as np
 import PIL.Image
 import pytest
 import torch
-
-pytest.importorskip("trl")
-import datasets  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -145,7 +143,7 @@ def write_hand3d(root: Path, rows: dict[str, list[dict]], drop_columns: tuple[st
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny VIPA checkpoint (model + processor), fusion dropout on (RNG must resume)."""
-    tiny_assets = pytest.importorskip("tests.tiny_assets")
+    import tests.tiny_assets as tiny_assets
     processor = tiny_assets.build_tiny_processor()
     model = tiny_assets.build_tiny_model(processor, fusion_layer_config=VipaFusionConfig.tiny(dropout=0.1))
     out = tmp_path_factory.mktemp("vipa_tiny")

@@ -15,8 +15,8 @@ import numpy as np
 import PIL.Image
 from transformers import PreTrainedTokenizerFast
 
-from processing_vipa.processing_vipa import VipaProcessor
 from cpu_demo.standins import SPECIAL_TOKENS, build_standin_tokenizer
+from processing_vipa.processing_vipa import VipaProcessor
 
 TINY_SPECIAL_TOKENS = SPECIAL_TOKENS  # Qwen3's chat tokens and InternVL's image tokens
 TINY_TILE_SIZE = 56  # internvl_tiny_config(): image_size 56, patch 14 -> 16 patches

@@ -29,6 +29,7 @@ from transformers import TrainerCallback
 from transformers.trainer_utils import get_last_checkpoint
 
 from hand3d_dataset.atomic import write_json
+from hand3d_dataset.extras import require
 from hand3d_dataset.loading import load_hand3d
 from modeling_vipa.modeling_vipa import add_motion_tokens, set_trainable
 from processing_vipa.processing_vipa import IMAGE_PLACEHOLDER, VipaProcessor
@@ -152,7 +153,8 @@ def build_trainer(
     callbacks: list[TrainerCallback] | None = None,
 ) -> Any:
     """An `SFTTrainer` for stage 1 or 2, after every start-up check (see the module docstring)."""
-    from trl import SFTConfig, SFTTrainer  # heavy import, only where a trainer is built
+    trl = require("trl", "train")  # heavy import, only where a trainer is built
+    SFTConfig, SFTTrainer = trl.SFTConfig, trl.SFTTrainer
 
     if stage not in STAGE_DATA_CONFIG:
         raise ValueError(f"stage: expected 1 or 2 (stage 3 runs on Accelerate, not TRL), got {stage!r}")

@@ -40,6 +40,7 @@ from dataclasses import dataclass, fields, replace
 import numpy as np
 
 from hand3d_dataset.clip import HAND_SEGMENT, Clip, HandTrack, ObjectTrack, boxes_from_segmentation
+from hand3d_dataset.extras import require
 
 __all__ = ["SynthConfig", "SynthSource", "render_clip", "hand_skeleton", "HAND_POSES"]
 
@@ -415,13 +416,7 @@ def _plan_clip(cfg: SynthConfig, rng: np.random.Generator) -> _Plan:
 
 def _import_mujoco():
     os.environ.setdefault("MUJOCO_GL", "egl")  # headless rendering; must be set before the import
-    try:
-        import mujoco
-    except ImportError as e:
-        raise ImportError(
-            'the "synth" source renders with MuJoCo: pip install "vipa-vla[sim]" (and a GL backend, e.g. EGL)'
-        ) from e
-    return mujoco
+    return require("mujoco", "sim")  # and a GL backend for rendering, e.g. EGL
 
 
 def _template_xml(h: int, w: int) -> str:
