@@ -49,6 +49,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "h2o": "hand3d_dataset.sources.h2o:H2oSource",
     "arctic": "hand3d_dataset.sources.arctic:ArcticSource",
     "oakink2": "hand3d_dataset.sources.oakink2:OakInk2Source",
+    "taco": "hand3d_dataset.sources.taco:TacoSource",
 }
 
 

@@ -1,0 +1,141 @@
+"""TACO adapter on a fixture in TACO's layout: joints vs hand-computed projections, conventions, bad input."""
+
+import json
+import os
+import pickle
+import shutil
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from hand3d_dataset.cli import main as hand3d_main
+from hand3d_dataset.sources import SourceAdapter, get_source
+from hand3d_dataset.sources.arctic import MANO_DIR_ENV
+from hand3d_dataset.sources.taco import TacoSource, parse_triplet
+from tests.source_fixtures import taco as fx
+
+CLIP_ID = f"taco-stir_spoon_bowl-{fx.SEQ}-c000"
+# MANO's 16 joints + 5 tips (thumb, index, middle, ring, pinky) → OpenPose order, written out
+MANO21_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
+
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return fx.build_taco(tmp_path_factory.mktemp("taco") / "TACO")
+
+
+@pytest.fixture(scope="module")
+def clip(data):
+    return get_source("taco", root=data["root"]).load_clip(CLIP_ID)
+
+
+def _decode(path, fmt):
+    with av.open(str(path)) as c:
+        return [f.to_ndarray(format=fmt) for f in c.decode(video=0)]
+
+
+def test_ids_sampling_frames_and_depth(data, clip):
+    src = get_source("taco", root=data["root"])
+    assert isinstance(src, SourceAdapter) and src.clip_ids() == [CLIP_ID]
+    assert clip.meta["frame_indices"] == [0, 30, 60] and clip.fps == 1.0
+    rgb = _decode(data["root"] / "Egocentric_RGB_Videos" / fx.TRIPLET / fx.SEQ / "color.mp4", "rgb24")
+    np.testing.assert_array_equal(clip.frames, np.stack([rgb[0], rgb[30], rgb[60]]))
+    raw = _decode(
+        data["root"] / "Egocentric_Depth_Videos" / fx.TRIPLET / fx.SEQ / "egocentric_depth.avi", "gray16le"
+    )
+    assert raw[30][5, 100] == 2030  # 0.5 m + 30 units, written as uint16
+    np.testing.assert_allclose(clip.depth[1, :, 20:], (2000 + 30) / 4000.0)  # 0.25 mm units
+    assert np.isnan(clip.depth[:, :, :20]).all()  # 0 = no return
+    assert clip.task == "stir the bowl with the spoon" and [o.name for o in clip.objects] == ["spoon", "bowl"]
+    assert parse_triplet("(cut, knife, apple)") == ("cut", "knife", "apple")
+    with pytest.raises(ValueError, match="clip_id"):
+        src.load_clip("taco-nope")
+
+
+def test_joints_project_where_the_hand_computed_projection_says(data, clip):
+    np.testing.assert_allclose(clip.K[0], fx.K)
+    for side in ("left", "right"):
+        assert clip.hands[side].valid.all()
+        for k, i in enumerate(clip.meta["frame_indices"]):
+            p = clip.R[k] @ clip.hands[side].joints3d[k].T + clip.t[k][:, None]
+            uv = ((clip.K[k] @ p)[:2] / (clip.K[k] @ p)[2]).T
+            np.testing.assert_allclose(uv, data["uv_mano_order"][side][i][MANO21_TO_OPENPOSE], atol=1e-3)
+
+
+def test_conventions_wrist_at_trans_extrinsics_and_object_units(data, clip):
+    for side in ("left", "right"):  # center_idx=0 then + hand_trans: the wrist is hand_trans
+        np.testing.assert_allclose(
+            clip.hands[side].joints3d[:, 0], data["trans"][side][[0, 30, 60]], atol=1e-6
+        )
+    # egocentric_frame_extrinsic is world → camera: the camera centre −Rᵀt is the fixture's eye
+    np.testing.assert_allclose(clip.camera_centers()[2], [0.1 * np.sin(1.8), -0.3, 0.35], atol=1e-9)
+    # Object_Models are in centimetres: the bowl's centre sits 3.5 cm above its pose origin
+    np.testing.assert_allclose(
+        clip.object("bowl").position3d, data["centres"]["target"][[0, 30, 60]], atol=1e-9
+    )
+    np.testing.assert_allclose(clip.object("bowl").position3d[:, 2], 0.035, atol=1e-9)
+
+
+def test_without_mano_files_hands_are_wrist_only(data, tmp_path, monkeypatch):
+    monkeypatch.delenv(MANO_DIR_ENV, raising=False)
+    shutil.copytree(
+        data["root"], tmp_path / "t", ignore=shutil.ignore_patterns("mano", "Egocentric_*_Videos")
+    )
+    clip = TacoSource(tmp_path / "t").load_clip(CLIP_ID)
+    assert clip.hands["right"].wrist_only and clip.frames is None and clip.image_hw == (1080, 1920)
+    np.testing.assert_allclose(clip.hands["right"].wrist3d, data["trans"]["right"][[0, 30, 60]], atol=1e-6)
+
+
+def test_bad_input(data, tmp_path):
+    root = tmp_path / "t"
+    shutil.copytree(data["root"], root)
+    hands = root / "Hand_Poses" / fx.TRIPLET / fx.SEQ
+    poses = pickle.loads((hands / "left_hand.pkl").read_bytes())  # the test's own fixture file
+    poses["00030"]["hand_pose"] = torch.full((48,), float("nan"))
+    (hands / "left_hand.pkl").write_bytes(pickle.dumps(poses))
+    clip = TacoSource(root).load_clip(CLIP_ID)
+    assert clip.hands["left"].valid.tolist() == [True, False, True] and clip.hands["right"].valid.all()
+    # a video that lost frames (40 of 61): the loader's skip, with the file named
+    rgb = root / "Egocentric_RGB_Videos" / fx.TRIPLET / fx.SEQ / "color.mp4"
+    fx.write_video(rgb, np.stack([fx.noise_image(*fx.IMAGE_HW, k) for k in range(40)]), "libx264")
+    with pytest.raises(ValueError, match="color.mp4 has 40 frames for 61 poses"):
+        TacoSource(root).load_clip(CLIP_ID)
+    rgb.write_bytes(b"not a video")
+    with pytest.raises(ValueError, match="cannot decode .*color.mp4"):
+        TacoSource(root).load_clip(CLIP_ID)
+    assert TacoSource(root, images="none").load_clip(CLIP_ID).frames is None
+    (root / "Egocentric_Camera_Parameters" / fx.TRIPLET / fx.SEQ / "egocentric_intrinsic.txt").unlink()
+    with pytest.raises(ValueError, match="missing .*egocentric_intrinsic.txt"):
+        TacoSource(root).load_clip(CLIP_ID)
+    # a triplet folder that is not "(action, tool, target)" and a pickle carrying code: counted skips
+    shutil.copytree(hands, root / "Hand_Poses" / "stir spoon bowl" / fx.SEQ)
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (hands / "right_hand.pkl").write_bytes(pickle.dumps({"00000": Evil()}))
+    src = TacoSource(root)
+    assert src.clip_ids() == []
+    assert "refusing to unpickle global" in src.skipped[f"{fx.TRIPLET}/{fx.SEQ}"] and not marker.exists()
+    assert "not TACO's '(action, tool, target)'" in src.skipped[f"stir spoon bowl/{fx.SEQ}"]
+    with pytest.raises(ValueError, match="no Hand_Poses/"):
+        TacoSource(tmp_path)
+
+
+def test_hand3d_build_on_the_fixture(data, tmp_path):
+    """`hand3d build --source taco` on the pose-only download: trajectory clips give action rows."""
+    root = tmp_path / "t"
+    shutil.copytree(data["root"], root, ignore=shutil.ignore_patterns("Egocentric_*_Videos"))
+    out = tmp_path / "out"
+    argv = ["build", "--source", "taco", "--source-root", str(root), "--out", str(out), "--no-progress"]
+    assert hand3d_main([*argv, "--test-fraction", "0"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["clips_done"] == 1 and report["clips_skipped"] == 0
+    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
+    assert rows > 0
