@@ -50,6 +50,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "arctic": "hand3d_dataset.sources.arctic:ArcticSource",
     "oakink2": "hand3d_dataset.sources.oakink2:OakInk2Source",
     "taco": "hand3d_dataset.sources.taco:TacoSource",
+    "fpha": "hand3d_dataset.sources.fpha:FphaSource",
 }
 
 
