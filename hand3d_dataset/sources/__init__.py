@@ -51,6 +51,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "oakink2": "hand3d_dataset.sources.oakink2:OakInk2Source",
     "taco": "hand3d_dataset.sources.taco:TacoSource",
     "fpha": "hand3d_dataset.sources.fpha:FphaSource",
+    "egodex": "hand3d_dataset.sources.egodex:EgoDexSource",
 }
 
 
