@@ -37,7 +37,7 @@ def _default(obj: Any) -> Any:
     if isinstance(obj, np.ndarray):
         if obj.dtype.kind not in _KINDS:
             raise TypeError(f"cannot send a numpy array of dtype {obj.dtype} (only bool, int, uint, float)")
-        arr = np.ascontiguousarray(obj, dtype=obj.dtype.newbyteorder("<"))
+        arr = obj.astype(obj.dtype.newbyteorder("<"), order="C", copy=False)  # keeps 0-d arrays 0-d
         payload = msgpack.packb([arr.dtype.str, list(arr.shape), arr.tobytes()], use_bin_type=True)
         return msgpack.ExtType(_NDARRAY_EXT, payload)
     if isinstance(obj, np.generic):
@@ -94,7 +94,9 @@ class PolicyClient:
         if self._ws is None:
             from websockets.sync.client import connect
 
-            self._ws = connect(self.uri, open_timeout=self.timeout, max_size=None, compression=None)
+            # a long-lived connection: entered here (websockets' context protocol), left in close()
+            connection = connect(self.uri, open_timeout=self.timeout, max_size=None, compression=None)
+            self._ws = connection.__enter__()
             self._metadata = unpack(self._ws.recv(timeout=self.timeout))
         return self._ws
 
@@ -133,7 +135,7 @@ class PolicyClient:
 
     def close(self) -> None:
         if self._ws is not None:
-            self._ws.close()
+            self._ws.__exit__(None, None, None)
             self._ws = None
 
     def __enter__(self) -> PolicyClient:
