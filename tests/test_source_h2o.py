@@ -146,3 +146,14 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
     rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
     assert rows > 0
+
+
+def test_pose_only_download_gives_trajectory_clips(data, tmp_path):
+    """The README's "pose" download mode has no rgb/depth: clips are trajectory-only, cameras unchanged."""
+    root = tmp_path / "pose"
+    shutil.copytree(data[0] / "data", root, ignore=shutil.ignore_patterns("rgb", "depth"))
+    clip = H2oSource(root).load_clip(CLIP_ID)
+    assert clip.frames is None and clip.depth is None and clip.image_hw == (720, 1280)
+    full = H2oSource(data[0] / "data", load_depth=False).load_clip(CLIP_ID)
+    np.testing.assert_array_equal(clip.R, full.R)
+    np.testing.assert_array_equal(clip.hands["right"].joints3d, full.hands["right"].joints3d)

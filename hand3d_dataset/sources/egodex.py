@@ -26,7 +26,8 @@ Conventions and why:
   dropped. These are the same anatomical joints as OpenPose's, so the mapping is exact, needs no MANO
   model files and adds no fitting residual (`hand3d_dataset.mano.fit_mano_to_joints` can still fit MANO
   to the mapped joints downstream when parameters are wanted). A frame is valid for a hand when every
-  one of its 21 mapped joints has confidence ≥ `min_confidence`.
+  one of its 21 mapped joints has confidence ≥ `min_confidence` (0.5 by default: ARKit keeps reporting
+  a pose for an untracked hand, with a low confidence); a file without `confidences/` counts as tracked.
 - Camera axes: ARKit/OpenGL cameras look down −z with y up, OpenCV cameras down +z with y down, so
   ``T_world_cam(OpenCV) = T_world_cam(ARKit) · diag(1, −1, −1, 1)``. Third-party EgoDex loaders project
   `inv(T_camera) @ joint` with K directly, as if the stored camera were already OpenCV, while EgoDex is
