@@ -23,8 +23,9 @@ Steps, per clip:
    sees skin; joints hidden behind another bone of the hand leave Ω (`self_occluded`); a second median
    keeps only joints whose calibrated cloud depth agrees within `inlier_tol_m` (objects held in front);
 5. object boxes from the detector (`(T, O, 4)` xyxy, NaN where not detected);
-6. 3D object positions from the calibrated cloud inside each box (`calibration.localize_object`,
-   the visible-surface centre), with the hands' pixels (drawn from the joints, `hand_mask`) removed;
+6. 3D object positions from the calibrated cloud inside each box (`calibration.localize_object`:
+   by default the object's estimated volumetric centre, `localization.estimate="surface"` for the
+   visible-surface centre), with the hands' pixels (drawn from the joints, `hand_mask`) removed;
 7. samples: Hand3D-visual (`samples_visual`) and Hand3D-action (`samples_action`), turned into rows.
 
 Nothing in a clip raises past `process_clip` for bad data: a clip that cannot be annotated comes
@@ -76,6 +77,7 @@ __all__ = [
     "ACTION_FEATURES",
 ]
 
+
 @dataclass(frozen=True)
 class PipelineConfig:
     """Knobs of the per-clip pipeline; the sample builders carry their own configs."""
@@ -98,7 +100,8 @@ class PipelineConfig:
     png_compress_level: int = 1  # zlib level of the stored PNGs: 1 is ~5x faster than 6, ~10% larger
     visual: VisualSampleConfig = field(default_factory=VisualSampleConfig)  # Hand3D-visual builders
     action: ActionSampleConfig = field(default_factory=ActionSampleConfig)  # Hand3D-action builders
-    localization: LocalizationConfig = field(default_factory=LocalizationConfig)  # object 3D from boxes
+    # object 3D from boxes; its `estimate` picks the centre (default) or the visible surface
+    localization: LocalizationConfig = field(default_factory=LocalizationConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_visible_joints <= 21:

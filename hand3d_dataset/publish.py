@@ -150,7 +150,7 @@ action = load_dataset("{name}", "action")
 
 Directions are in the camera frame of the reference frame: right/left (±x), down/up (±y),
 forward/backward (±z, away from / towards the camera), each where the unit vector's component
-exceeds 0.3. Objects are located at their visible-surface centre in the scale-calibrated point cloud.
+exceeds 0.3. Objects are located in the scale-calibrated point cloud at their estimated centre (the visible surface pushed back along the viewing ray by the depth of its visible shell).
 
 ## Statistics
 

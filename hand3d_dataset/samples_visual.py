@@ -23,7 +23,8 @@ Categories (each sample keeps its structured ground truth beside the text, DESIG
 
 "The hand" is the palm centre: the mean of the wrist and the four finger bases (MCP joints 5, 9, 13,
 17 in OpenPose order). It is steadier than any single joint under finger articulation; for a wrist-only
-track it is the wrist. Objects are the calibrated visible-surface centres from the pipeline.
+track it is the wrist. Objects are the pipeline's calibrated object positions (by default each object's estimated centre;
+`--object-position surface`: the visible-surface centre).
 
 Answers never name the hand's side or repeat the task text: the Hand3D-test parser
 (`metrics.parse_answer`) reads "right"/"left"/"lift"... as directions anywhere in an answer, so answers
