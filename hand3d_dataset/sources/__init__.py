@@ -52,6 +52,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "taco": "hand3d_dataset.sources.taco:TacoSource",
     "fpha": "hand3d_dataset.sources.fpha:FphaSource",
     "egodex": "hand3d_dataset.sources.egodex:EgoDexSource",
+    "hoi4d": "hand3d_dataset.sources.hoi4d:Hoi4dSource",
 }
 
 
