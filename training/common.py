@@ -93,35 +93,49 @@ class Recipe:
 
     def gradient_accumulation_steps(self, world_size: int) -> int:
         """global_batch_size / (per_device_batch_size x world_size); it must divide exactly."""
-        per_step = self.per_device_batch_size * world_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"recipe: global_batch_size={self.global_batch_size} is not a multiple of per_device_batch_size "
-                f"({self.per_device_batch_size}) x processes ({world_size}) = {per_step}"
-            )
-        return self.global_batch_size // per_step
+        return gradient_accumulation_steps(self.global_batch_size, self.per_device_batch_size, world_size)
 
 
-def load_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> Recipe:
-    """A `Recipe` from a shipped name (`paper`, `cpu-tiny`) or a YAML file; `overrides` replace fields.
+def load_recipe(
+    name_or_path: str | os.PathLike,
+    recipe_cls: type | None = None,
+    recipes_dir: str | os.PathLike = RECIPES_DIR,
+    **overrides: Any,
+) -> Any:
+    """A recipe dataclass (`Recipe` for stages 1-2 by default) from a shipped name in `recipes_dir` (`paper`,
+    `cpu-tiny`) or a YAML file; `overrides` (None values ignored) replace fields.
 
     Unknown keys are a `ValueError` (a typo must not silently fall back to a default)."""
+    recipe_cls = recipe_cls or Recipe
+    recipes_dir = Path(recipes_dir)
     path = Path(name_or_path)
-    shipped = RECIPES_DIR / f"{name_or_path}.yaml"
+    shipped = recipes_dir / f"{name_or_path}.yaml"
     if shipped.is_file():
         path = shipped
     elif not path.is_file():
-        names = sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))
+        names = sorted(p.stem for p in recipes_dir.glob("*.yaml"))
         raise ValueError(f"recipe: {str(name_or_path)!r} is neither a shipped recipe {names} nor a YAML file")
     values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(values, dict):
         raise ValueError(f"recipe {path}: expected a mapping of fields, got {type(values).__name__}")
     values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(Recipe)}
+    known = {f.name for f in dataclasses.fields(recipe_cls)}
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"recipe {path}: unknown fields {unknown}; known: {sorted(known)}")
-    return Recipe(**values)
+    return recipe_cls(**values)
+
+
+def gradient_accumulation_steps(global_batch_size: int, per_device_batch_size: int, processes: int) -> int:
+    """global_batch_size / (per_device_batch_size x processes); it must divide exactly (`ValueError` naming
+    the recipe fields otherwise)."""
+    per_step = per_device_batch_size * processes
+    if global_batch_size % per_step:
+        raise ValueError(
+            f"recipe: global_batch_size={global_batch_size} is not a multiple of per_device_batch_size "
+            f"({per_device_batch_size}) x processes ({processes}) = {per_step}"
+        )
+    return global_batch_size // per_step
 
 
 def resolve_recipe(recipe: str | os.PathLike | Recipe, max_steps: int | None = None) -> Recipe:
