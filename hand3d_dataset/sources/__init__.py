@@ -53,6 +53,7 @@ SOURCES: dict[str, str] = {  # registry name → "module:class"
     "fpha": "hand3d_dataset.sources.fpha:FphaSource",
     "egodex": "hand3d_dataset.sources.egodex:EgoDexSource",
     "hoi4d": "hand3d_dataset.sources.hoi4d:Hoi4dSource",
+    "hawor": "hand3d_dataset.sources.hawor:HaworSource",
 }
 
 

@@ -116,7 +116,8 @@ def load_npy(path: Path, what: str) -> Any:
 
 
 def find_mano_dir(mano_dir: str | Path | None, candidates: list[Path]) -> Path | None:
-    """The folder with MANO_LEFT/RIGHT files: `mano_dir`, else $HAND3D_MANO_DIR, else the first candidate."""
+    """The folder with MANO_LEFT/RIGHT files: `mano_dir`, else $HAND3D_MANO_DIR, else the first candidate
+    holding a MANO file."""
     if mano_dir is not None:
         p = Path(mano_dir)
         if not p.is_dir():
@@ -134,6 +135,9 @@ class ManoPoser:
     Args:
         mano_dir: folder with MANO_RIGHT / MANO_LEFT (.npz or .pkl).
         use_pca, num_pca_comps, flat_hand_mean, fingertips: as `hand3d_dataset.mano.ManoLayer`.
+        flip_left_shapedirs: negate the left model's `shapedirs[:, 0, :]` unconditionally, as HaWoR's
+            `run_mano_left(fix_shapedirs=True)` does (smplx issue 48).
+        extra_dirs: further folders searched for a side's file (HaWoR keeps MANO_LEFT elsewhere).
     """
 
     def __init__(
@@ -143,22 +147,40 @@ class ManoPoser:
         num_pca_comps: int = 45,
         flat_hand_mean: bool = False,
         fingertips: str = "smplx",
+        flip_left_shapedirs: bool = False,
+        extra_dirs: tuple[Path, ...] = (),
     ) -> None:
         self.mano_dir = Path(mano_dir)
         self.kwargs = dict(
             use_pca=use_pca, num_pca_comps=num_pca_comps, flat_hand_mean=flat_hand_mean, fingertips=fingertips
         )
+        self.flip_left_shapedirs, self.extra_dirs = (
+            bool(flip_left_shapedirs),
+            tuple(Path(d) for d in extra_dirs),
+        )
         self._layers: dict[str, Any] = {}
 
     def layer(self, side: str):
         if side not in self._layers:
-            from hand3d_dataset.mano import ManoLayer
+            from dataclasses import replace
 
-            files = [self.mano_dir / f"MANO_{side.upper()}.{ext}" for ext in ("npz", "pkl")]
+            from hand3d_dataset.mano import ManoLayer, load_mano_model
+
+            files = [
+                d / f"MANO_{side.upper()}.{ext}"
+                for d in (self.mano_dir, *self.extra_dirs)
+                for ext in ("npz", "pkl")
+            ]
             found = [f for f in files if f.exists()]
             if not found:
                 raise ValueError(f"mano_dir: none of {[str(f) for f in files]} exists")
-            self._layers[side] = ManoLayer(found[0], side=side, **self.kwargs).double()
+            model = load_mano_model(found[0], side=side)
+            if side == "left" and self.flip_left_shapedirs:
+                shapedirs = np.array(model.shapedirs)
+                shapedirs[:, 0, :] *= -1
+                shapedirs.setflags(write=False)
+                model = replace(model, shapedirs=shapedirs)
+            self._layers[side] = ManoLayer(model, **self.kwargs).double()
         return self._layers[side]
 
     def joints(

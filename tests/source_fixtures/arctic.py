@@ -60,9 +60,17 @@ def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
 
 
 def smplx_hand(
-    mano_file: Path, side: str, params: dict, flat_hand_mean: bool, tips=SMPLX_TIPS
+    mano_file: Path,
+    side: str,
+    params: dict,
+    flat_hand_mean: bool,
+    tips=SMPLX_TIPS,
+    flip_shapedirs: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """smplx MANO forward: (T, 16 + 5, 3) joints in MANO order + tip vertices, and (T, 778, 3) vertices."""
+    """smplx MANO forward: (T, 16 + 5, 3) joints in MANO order + tip vertices, and (T, 778, 3) vertices.
+
+    flip_shapedirs: negate `shapedirs[:, 0, :]` of the layer first (HaWoR's left-hand fix).
+    """
     import smplx
 
     layer = smplx.MANO(
@@ -72,6 +80,9 @@ def smplx_hand(
         flat_hand_mean=flat_hand_mean,
         dtype=torch.float64,
     )
+    if flip_shapedirs:
+        with torch.no_grad():
+            layer.shapedirs[:, 0, :] *= -1
     t = {k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in params.items()}
     with torch.no_grad():
         out = layer(
