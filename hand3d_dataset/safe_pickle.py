@@ -231,6 +231,8 @@ def safe_globals() -> dict[tuple[str, str], Any]:
         table[(copyreg, "_reconstructor")] = _copyreg_reconstructor
     for name in _TORCH_DTYPES:
         table[("torch", f"{name}Storage")] = _TorchType(name)
+        # tensors pickled on a GPU by older torch name the CUDA storage class; the bytes are the same
+        table[("torch.cuda", f"{name}Storage")] = _TorchType(name)
     table[("torch", "UntypedStorage")] = _TorchType("Untyped")
     for name, kind in _TORCH_DTYPE_OBJECTS.items():
         table[("torch", name)] = _TorchType(kind)

@@ -164,3 +164,21 @@ def test_a_crafted_tensor_cannot_read_outside_its_storage(tmp_path):
             z.writestr(n, b)
     with pytest.raises(ValueError, match="tensor view reaches element 199 of a storage of 4"):
         safe_pickle.load(path)
+
+
+def test_gpu_saved_storages_load_on_a_cpu_only_machine(tmp_path):
+    """Older torch pickles a GPU tensor's storage as `torch.cuda.FloatStorage` with location "cuda:0"."""
+    import zipfile
+
+    path = tmp_path / "t.pt"
+    torch.save({"x": torch.arange(4.0)}, path)
+    with zipfile.ZipFile(path) as z:
+        members = {n: z.read(n) for n in z.namelist()}
+    pkl = next(n for n in members if n.endswith("data.pkl"))
+    assert b"ctorch\nFloatStorage\n" in members[pkl]
+    members[pkl] = members[pkl].replace(b"ctorch\nFloatStorage\n", b"ctorch.cuda\nFloatStorage\n")
+    members[pkl] = members[pkl].replace(b"X\x03\x00\x00\x00cpu", b"X\x06\x00\x00\x00cuda:0")
+    with zipfile.ZipFile(path, "w") as z:
+        for n, b in members.items():
+            z.writestr(n, b)
+    np.testing.assert_array_equal(safe_pickle.load(path)["x"], np.arange(4.0, dtype=np.float32))
