@@ -139,3 +139,37 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
     rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
     assert rows > 0
+
+
+def test_hand3d_build_with_frames_and_depth_gives_visual_rows(data, tmp_path):
+    """With the videos: TACO's own egocentric depth calibrates the clouds (`--estimator gt-depth`) and a tiny
+    random GroundingDINO stands in for the detector; the clip yields visual rows as well as action rows."""
+    from tests.test_estimators import tiny_grounding_dino
+
+    model, processor = tiny_grounding_dino(tmp_path)
+    model.save_pretrained(tmp_path / "gd")
+    processor.save_pretrained(tmp_path / "gd")
+    out = tmp_path / "out"
+    argv = [
+        "build",
+        "--source",
+        "taco",
+        "--source-root",
+        str(data["root"]),
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    argv += [
+        "--test-fraction",
+        "0",
+        "--estimator",
+        "gt-depth",
+        "--detector",
+        f"grounding-dino:{tmp_path / 'gd'}",
+    ]
+    assert hand3d_main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["clips_done"] == 1 and report["clips_skipped"] == 0
+    assert sum(report["samples"]["visual"]["train"].values()) > 0
+    assert sum(report["samples"]["action"]["train"].values()) > 0
