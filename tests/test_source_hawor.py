@@ -110,10 +110,11 @@ def test_bad_input(data, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="expected one SLAM/hawor_slam_w_scale_<start>_<end>.npz .* found 2"):
         HaworSource(root, images="none").load_clip(CLIP_ID)
     (folder / "SLAM" / "hawor_slam_w_scale_0_61.npz").unlink()
+    listed = HaworSource(root, images="none")  # listed from the SLAM trajectory's length (61)
     z = dict(np.load(folder / "SLAM" / "hawor_slam_w_scale_0_30.npz"))
     np.savez(folder / "SLAM" / "hawor_slam_w_scale_0_30.npz", **(z | {"traj": z["traj"][:30]}))
     with pytest.raises(ValueError, match="has 30 camera poses, .*61 frames"):
-        HaworSource(root, images="none").load_clip(CLIP_ID)
+        listed.load_clip(CLIP_ID)
     np.savez(folder / "SLAM" / "hawor_slam_w_scale_0_30.npz", **z)
     shutil.rmtree(root / "_DATA")
     with pytest.raises(ValueError, match="need MANO model files"):
@@ -126,15 +127,19 @@ def test_bad_input(data, tmp_path, monkeypatch):
             return (os.system, (f"touch {marker}",))
 
     joblib.dump([Evil()], folder / "world_space_res.pth")
-    src = HaworSource(root)
-    assert (
-        src.clip_ids() == []
-        and "refusing to unpickle global" in src.skipped[fx.VIDEO]
-        and not marker.exists()
-    )
+    src = HaworSource(root, mano_dir=data["root"] / "_DATA" / "data" / "mano")
+    assert src.clip_ids() == [CLIP_ID]  # listed from the SLAM trajectory, the result is read per clip
+    with pytest.raises(ValueError, match="refusing to unpickle global"):
+        src.load_clip(CLIP_ID)
+    assert not marker.exists()
     (folder / "world_space_res.pth").write_bytes(pickle.dumps([np.zeros((2, 5, 3))] * 5))
+    with pytest.raises(ValueError, match="has shapes"):
+        src.load_clip(CLIP_ID)
+    shutil.rmtree(folder / "SLAM")  # without a SLAM file the listing reads the result: a counted skip
     assert "has shapes" in HaworSource(root).skipped[fx.VIDEO]
-    assert HaworSource(tmp_path / "h" / "kitchen" / "video_0" / "SLAM").clip_ids() == []
+    assert HaworSource(tmp_path / "h" / "kitchen" / "video_0" / "extracted_images").clip_ids() == []
+    with pytest.raises(ValueError, match="is not a folder"):
+        HaworSource(tmp_path / "nope")
 
 
 def test_hand3d_build_on_the_fixture(data, tmp_path):

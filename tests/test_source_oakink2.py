@@ -11,7 +11,7 @@ import pytest
 
 from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.arctic import MANO_DIR_ENV
+from hand3d_dataset.sources.arctic import CACHE_ENV, MANO_DIR_ENV
 from hand3d_dataset.sources.oakink2 import OakInk2Source, quat_wxyz_to_axis_angle
 from tests.source_fixtures import oakink2 as fx
 
@@ -20,6 +20,16 @@ CLIP_ID = f"oakink2-{fx.TOKEN}-c000"
 MANO21_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def frame_count_cache(tmp_path_factory):
+    """The adapter remembers frame counts in $HAND3D_CACHE; keep this module's index in a temporary folder."""
+    mp = pytest.MonkeyPatch()
+    folder = tmp_path_factory.mktemp("cache")
+    mp.setenv(CACHE_ENV, str(folder))
+    yield folder
+    mp.undo()
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +61,21 @@ def test_ids_sampling_and_egocentric_frames(data, clip):
     assert clip.task == "pour water from the teapot into the cup"
     with pytest.raises(ValueError, match="clip_id"):
         src.load_clip("oakink2-nope")
+
+
+def test_listing_uses_the_cached_frame_count(data, frame_count_cache, monkeypatch):
+    """The second listing does not unpickle the annotation again: its frame count comes from the index."""
+    from hand3d_dataset import safe_pickle
+
+    OakInk2Source(data["root"])
+    index = json.loads((frame_count_cache / "frame_counts.json").read_text())
+    assert [v for k, v in index.items() if k.startswith(str(data["root"].resolve()))] == [61]
+
+    def refuse(*a, **k):
+        raise AssertionError("unpickled again")
+
+    monkeypatch.setattr(safe_pickle, "load", refuse)
+    assert OakInk2Source(data["root"]).clip_ids() == [CLIP_ID]
 
 
 def test_joints_project_where_the_hand_computed_projection_says(data, clip):

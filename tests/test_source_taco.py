@@ -120,9 +120,14 @@ def test_bad_input(data, tmp_path):
             return (os.system, (f"touch {marker}",))
 
     (hands / "right_hand.pkl").write_bytes(pickle.dumps({"00000": Evil()}))
-    src = TacoSource(root)
-    assert src.clip_ids() == []
-    assert "refusing to unpickle global" in src.skipped[f"{fx.TRIPLET}/{fx.SEQ}"] and not marker.exists()
+    src = TacoSource(root, images="none")
+    assert src.clip_ids() == [CLIP_ID]  # listed from the extrinsics' header, without unpickling
+    (root / "Egocentric_Camera_Parameters" / fx.TRIPLET / fx.SEQ / "egocentric_intrinsic.txt").write_text(
+        "\n".join(" ".join(str(v) for v in row) for row in fx.K)
+    )
+    with pytest.raises(ValueError, match="refusing to unpickle global"):
+        src.load_clip(CLIP_ID)
+    assert not marker.exists()
     assert "not TACO's '(action, tool, target)'" in src.skipped[f"stir spoon bowl/{fx.SEQ}"]
     with pytest.raises(ValueError, match="no Hand_Poses/"):
         TacoSource(tmp_path)

@@ -50,8 +50,8 @@ Bad input: a missing or unreadable file, mismatched frame counts, or non-finite 
 naming the file (the build records the clip as skipped). A frame whose MANO parameters are not finite is
 an invalid frame of that hand (NaN), counted in `meta["nonfinite_mano_frames"]`.
 
-Helpers shared with the other MANO-based adapters (OakInk2, TACO, HOI4D, HaWoR): `load_npy`,
-`find_mano_dir`, `ManoPoser`.
+Helpers shared with the other MANO-based adapters (OakInk2, TACO, HOI4D, HaWoR): `load_npy`, `npy_length`,
+`cached_count`, `find_mano_dir`, `ManoPoser`, `obj_vertices`.
 """
 
 from __future__ import annotations
@@ -68,7 +68,16 @@ from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
 from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_rgb, sampled_fps
 
-__all__ = ["ArcticSource", "ManoPoser", "find_mano_dir", "load_npy", "obj_vertices", "FPS"]
+__all__ = [
+    "ArcticSource",
+    "ManoPoser",
+    "cached_count",
+    "find_mano_dir",
+    "load_npy",
+    "npy_length",
+    "obj_vertices",
+    "FPS",
+]
 
 FPS = 30.0  # ARCTIC's image rate
 EGO_IMAGE_HW = (2000, 2800)  # egocentric image size (processing.py's fixed ego box) when misc.json lacks it
@@ -206,6 +215,50 @@ class ManoPoser:
             with torch.no_grad():
                 out[ok] = self.layer(side).forward_joints(*t).numpy()
         return out
+
+
+CACHE_ENV = "HAND3D_CACHE"  # folder for small indexes (default ~/.cache/hand3d)
+
+
+def cached_count(path: Path, count: Any) -> int:
+    """`count(path)` remembered per (file, size, mtime) in `$HAND3D_CACHE/frame_counts.json`.
+
+    Listing a dataset needs each sequence's frame count, and some formats only give it by unpickling a
+    large file (OakInk2's annotations: tens of seconds each); the count is kept so the next listing is
+    instant. The index is rewritten atomically; an unreadable index is ignored.
+    """
+    st = path.stat()
+    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
+    index_path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hand3d") / "frame_counts.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return int(index[key])
+    n = int(count(path))
+    index[key] = n
+    try:
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_path)
+    except OSError:
+        pass  # a read-only cache only costs time
+    return n
+
+
+def npy_length(path: Path) -> int:
+    """First dimension of an `.npy` array, from its header (the data is not read)."""
+    with open(path, "rb") as fh:
+        version = np.lib.format.read_magic(fh)
+        read = (
+            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        )
+        shape, _, _ = read(fh)
+    if not shape:
+        raise ValueError(f"{path}: a 0-d array has no length")
+    return int(shape[0])
 
 
 def obj_vertices(path: Path) -> np.ndarray:

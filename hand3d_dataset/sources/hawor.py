@@ -40,6 +40,9 @@ Conventions and why:
 - Frames: 30 fps, sampled at `sample_fps` in `chunk_s` chunks; `images="auto"` reads `extracted_images`
   when there, else trajectory-only clips with image size (2 cy, 2 cx).
 
+Listing takes each video's frame count from its SLAM trajectory (the result pickle is read per clip);
+without a single SLAM file, from the result.
+
 Bad input: a missing SLAM or result file, several SLAM files, frame counts that disagree, a result file
 carrying code (refused by name) or non-finite cameras raise ValueError naming the file.
 """
@@ -129,9 +132,14 @@ class HaworSource:
         for res in sorted(self.root.rglob(RESULT)):
             folder = res.parent
             rel = folder.relative_to(self.root).as_posix()
-            try:
-                n = len(self._result(folder, f"video {rel}")[0][0])
-            except ValueError as e:
+            try:  # the SLAM trajectory gives the frame count without unpickling the result
+                slams = sorted((folder / "SLAM").glob("hawor_slam_w_scale_*.npz"))
+                if len(slams) == 1:
+                    with np.load(slams[0], allow_pickle=False) as z:
+                        n = len(z["traj"])
+                else:
+                    n = len(self._result(folder, f"video {rel}")[0][0])
+            except (ValueError, KeyError, OSError) as e:
                 self.skipped[rel] = str(e)
                 continue
             for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):

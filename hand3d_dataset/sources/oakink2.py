@@ -40,6 +40,10 @@ Conventions and why:
   sequence's `task_target`.
 - `images`: as the ARCTIC adapter ("auto": read PNGs when the camera folder exists, else trajectory-only).
 
+Listing: a sequence's colour frame count is only in its annotation pickle (tens of seconds to unpickle for a
+long sequence), so it is remembered per file in `$HAND3D_CACHE/frame_counts.json` (`arctic.cached_count`):
+the first listing of a download reads every annotation once, later ones none.
+
 Bad input: a missing or unreadable annotation file, a sequence without an egocentric camera, an annotation
 pickle carrying code (refused by name) or non-finite cameras raise ValueError naming the file.
 """
@@ -56,7 +60,7 @@ from scipy.spatial.transform import Rotation
 
 from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.arctic import ManoPoser, find_mano_dir
+from hand3d_dataset.sources.arctic import ManoPoser, cached_count, find_mano_dir
 from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_rgb, sampled_fps
 
 __all__ = ["OakInk2Source", "quat_wxyz_to_axis_angle", "FPS"]
@@ -108,8 +112,10 @@ class OakInk2Source:
         self._cache: tuple[str, dict] | None = None
         for path in sorted((self.root / "anno_preview").glob("*.pkl")):
             token = path.stem
-            try:
-                n = len(self._anno(token, f"sequence {token}")["frame_id_list"])
+            try:  # unpickling an annotation takes long: the count is cached (arctic.cached_count)
+                n = cached_count(
+                    path, lambda p, t=token: len(self._anno(t, f"sequence {t}")["frame_id_list"])
+                )
             except ValueError as e:
                 self.skipped[token] = str(e)
                 continue

@@ -36,6 +36,9 @@ Conventions and why:
   the egocentric video"), so do we (a ValueError naming the video). `images="auto"` decodes the videos when
   they exist, else trajectory-only clips.
 
+Listing reads each sequence's frame count from the header of `egocentric_frame_extrinsic.npy` (no pickle
+is opened until a clip is loaded); without that file, from the right-hand pickle.
+
 Bad input: a missing file, mismatched frame counts, a truncated or undecodable video, non-finite cameras
 or a pickle carrying code (refused by name) raise ValueError naming the file; a frame whose MANO values are
 not finite is an invalid frame of that hand.
@@ -50,7 +53,7 @@ import numpy as np
 
 from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.arctic import ManoPoser, find_mano_dir, load_npy, obj_vertices
+from hand3d_dataset.sources.arctic import ManoPoser, find_mano_dir, load_npy, npy_length, obj_vertices
 from hand3d_dataset.sources.dexycb import chunk_frame_indices, sampled_fps
 
 __all__ = ["TacoSource", "read_video_frames", "parse_triplet", "FPS"]
@@ -140,7 +143,19 @@ class TacoSource:
             triplet, seq = right.parent.parent.name, right.parent.name
             try:
                 action, tool, target = parse_triplet(triplet)
-                n = len(self._poses(right, f"sequence {triplet}/{seq}"))
+                # the extrinsics' header gives the frame count without unpickling the hand poses
+                extr = (
+                    self.root
+                    / "Egocentric_Camera_Parameters"
+                    / triplet
+                    / seq
+                    / "egocentric_frame_extrinsic.npy"
+                )
+                n = (
+                    npy_length(extr)
+                    if extr.exists()
+                    else len(self._poses(right, f"sequence {triplet}/{seq}"))
+                )
             except ValueError as e:
                 self.skipped[f"{triplet}/{seq}"] = str(e)
                 continue
