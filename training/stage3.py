@@ -96,52 +96,32 @@ class Stage3Recipe:
     """Hyper-parameters of one stage-3 run (paper §4.1 for `paper-libero.yaml` / `paper-robocasa.yaml`)."""
 
     learning_rate: float = 5e-5  # AdamW peak learning rate after warm-up (paper §4.1)
-    lr_scheduler_type: str = (
-        "cosine"  # transformers schedule after warm-up (the paper names none; stages 1-2: cosine)
-    )
+    lr_scheduler_type: str = "cosine"  # schedule after warm-up (paper: none named; stages 1-2: cosine)
     warmup_ratio: float = 0.05  # fraction of max_steps spent warming up linearly (paper §4.1)
     weight_decay: float = 1e-5  # AdamW decoupled weight decay (paper §4.1)
     adam_beta1: float = 0.9  # AdamW beta1
     adam_beta2: float = 0.999  # AdamW beta2
     max_grad_norm: float = 1.0  # gradient clipping (global L2 norm); 0 turns it off
-    global_batch_size: int = (
-        128  # samples per optimiser step over all processes and accumulation (paper: 128)
-    )
+    global_batch_size: int = 128  # samples per optimiser step, all processes and accumulation (paper: 128)
     per_device_batch_size: int = 16  # samples per forward pass on one process
     max_steps: int = 30000  # optimiser steps (paper §4.1: 30K for LIBERO)
-    train_fusion: bool = (
-        True  # fusion layer trains too (see the recipe files for why); ignored without a 3D branch
-    )
+    train_fusion: bool = True  # the fusion layer trains too (why: see the recipes); never without a 3D branch
     lora_rank: int = 0  # 0: the whole LLM trains; > 0: LoRA adapters of this rank on the LLM's linear layers
     lora_alpha: int = 16  # LoRA scaling numerator (scale = lora_alpha / lora_rank)
     lora_dropout: float = 0.0  # dropout on the LoRA branch
     horizon: int | None = None  # H, actions per chunk; None: the checkpoint's action_head_config.horizon
-    action_dim: int | None = (
-        None  # head action width (data zero-padded to it); None: checkpoint's head or widest dataset
-    )
-    state_dim: int | None = (
-        None  # head state width (data zero-padded to it); None: checkpoint's head or widest dataset
-    )
-    camera_keys: list[str] | None = (
-        None  # `observation.images.<cam>` in model frame order; None: info.json order
-    )
+    action_dim: int | None = None  # head action width (data zero-padded); None: checkpoint/data
+    state_dim: int | None = None  # head state width (data zero-padded); None: checkpoint/data
+    camera_keys: list[str] | None = None  # `observation.images.<cam>`, frame order; None: info.json's
     state_key: str = "observation.state"  # state feature of the datasets
     action_key: str = "action"  # action feature of the datasets
     unnorm_key: str | None = None  # statistics name for a single dataset; None: the dataset folder's name
-    norm_mode: str = (
-        "mean_std"  # "mean_std" | "min_max" | "quantile" (q01/q99 to [-1, 1]); see lerobot_dataset
-    )
+    norm_mode: str = "mean_std"  # mean_std | min_max | quantile (q01/q99 -> [-1, 1]); see lerobot_dataset
     n_action_steps: int | None = None  # actions VipaPolicy executes per chunk (written to policy_config.json)
-    bf16: bool | None = (
-        None  # bf16 autocast: None = on a GPU that supports it (float32 on CPU); true / false forces
-    )
+    bf16: bool | None = None  # bf16 autocast; None: on a GPU that supports it (float32 on CPU)
     gradient_checkpointing: bool = False  # recompute the LLM's activations in backward (memory for time)
-    spatial_cache: bool = (
-        False  # read frozen CUT3R's tokens from OUTPUT/spatial_cache (computed once per sample)
-    )
-    save_steps: int = (
-        1000  # Accelerate checkpoint every N optimiser steps: an interruption loses at most N steps
-    )
+    spatial_cache: bool = False  # frozen CUT3R's tokens cached in OUTPUT/spatial_cache
+    save_steps: int = 1000  # checkpoint every N steps: an interruption loses at most N steps
     save_total_limit: int = 2  # checkpoints kept on disk (oldest deleted)
     logging_steps: int = 10  # log the mean loss every N optimiser steps
     seed: int = 42  # fresh head init, data order, flow noise and tau, dropout
@@ -715,6 +695,18 @@ def train_stage3(
     )
     set_seed(recipe.seed, device_specific=True)
     distributed = accelerator.distributed_type
+    logger.info(
+        "stage 3: %d process(es), %s, mixed precision %s, gradient accumulation %d",
+        accelerator.num_processes,
+        distributed,
+        accelerator.mixed_precision,
+        accumulation,
+    )
+    if accelerator.num_processes != processes:
+        raise ValueError(
+            f"WORLD_SIZE says {processes} processes but Accelerate runs {accelerator.num_processes}; "
+            "launch with `accelerate launch` or torchrun"
+        )
 
     # -- model and data, every check before the first step --
     peek = VipaConfig.from_pretrained(str(model_dir)) if (Path(model_dir) / "config.json").is_file() else None
@@ -834,7 +826,8 @@ def train_stage3(
         accelerator.load_state(str(checkpoint))
         logger.info("resumed from %s at step %d", checkpoint, run.step)
     accelerator.step = run.step * accumulation
-    _set_modes(model)
+    model.train()  # the wrapper (DDP reads its flag) ...
+    _set_modes(accelerator.unwrap_model(model))  # ... and the parts: frozen ones in eval mode (no dropout)
     inner = _base_model(accelerator.unwrap_model(model))
 
     # -- the loop --
@@ -864,13 +857,14 @@ def train_stage3(
                 entry = {"step": run.step, "loss": float(mean), "lr": float(scheduler.get_last_lr()[0])}
                 run.losses.append(entry)
                 window = []
-                logger.info(
-                    "step %d loss %.5f lr %.3g (%.1f s)",
-                    run.step,
-                    entry["loss"],
-                    entry["lr"],
-                    time.perf_counter() - tic,
-                )
+                if accelerator.is_main_process:
+                    logger.info(
+                        "step %d loss %.5f lr %.3g (%.1f s)",
+                        run.step,
+                        entry["loss"],
+                        entry["lr"],
+                        time.perf_counter() - tic,
+                    )
             if run.step % recipe.save_steps == 0 or run.step == stop:
                 _save_checkpoint(accelerator, output_dir, run.step, recipe)
             if run.step >= stop:
