@@ -116,10 +116,21 @@ class _TorchType:
 
 
 class _JoblibArray:
-    """joblib's NumpyArrayWrapper state; the array bytes follow in the stream (read on BUILD)."""
+    """joblib's NumpyArrayWrapper: its array bytes follow its BUILD in the stream and are read right then.
+
+    `SafeUnpickler.find_class` hands out a subclass bound to its own reader; the wrapper is replaced by
+    its array once the whole pickle is loaded.
+    """
+
+    _reader: Callable[[dict], np.ndarray] | None = None
 
     def __init__(self, *args: Any) -> None:
-        self.state: dict = {}
+        self.array: np.ndarray | None = None
+
+    def __setstate__(self, state: Any) -> None:
+        if self._reader is None or not isinstance(state, dict):
+            raise ValueError("malformed joblib array wrapper")
+        self.array = type(self)._reader(dict(state))
 
 
 def _np_reconstruct(subtype: Any, shape: Any, dtype: Any) -> np.ndarray:
@@ -236,18 +247,18 @@ def safe_globals() -> dict[tuple[str, str], Any]:
     table[("torch", "UntypedStorage")] = _TorchType("Untyped")
     for name, kind in _TORCH_DTYPE_OBJECTS.items():
         table[("torch", name)] = _TorchType(kind)
-    table[("joblib.numpy_pickle", "NumpyArrayWrapper")] = _JoblibArray
     return table
 
 
 _SAFE = safe_globals()
 
 
-class SafeUnpickler(pickle._Unpickler):
+class SafeUnpickler(pickle.Unpickler):
     """Restricted unpickler: the `safe_globals()` table, stand-ins the caller allows, nothing else.
 
-    The pure-Python unpickler (not the C one) so that joblib's array bytes, which follow a wrapper's
-    BUILD in the stream, are read from exactly the right position.
+    joblib's array bytes follow a wrapper's BUILD in the stream: the wrapper reads them in `__setstate__`
+    from the same file, which must therefore be read exactly (an `io.BytesIO`: it has no `peek`, so the C
+    unpickler never reads ahead).
 
     Args:
         file: binary file positioned at the pickle.
@@ -270,11 +281,20 @@ class SafeUnpickler(pickle._Unpickler):
         # latin1: Python 2 pickles (MANO files, old datasets) store numpy buffers as byte strings.
         super().__init__(file, encoding="latin1")
         self.source, self._stand_in, self._persistent, self._what = source, stand_in, persistent_load, what
+        if hasattr(file, "peek"):
+            raise ValueError(
+                f"{source}: SafeUnpickler needs an exact-read file (io.BytesIO), not a buffered reader"
+            )
         self._file = file
-        self.dispatch = dict(pickle._Unpickler.dispatch)
-        self.dispatch[pickle.BUILD[0]] = SafeUnpickler._load_build
+        self._joblib: type | None = None
 
     def find_class(self, module: str, name: str) -> Any:
+        if (module, name) == ("joblib.numpy_pickle", "NumpyArrayWrapper"):
+            if self._joblib is None:
+                self._joblib = type(
+                    "NumpyArrayWrapper", (_JoblibArray,), {"_reader": staticmethod(self._read_joblib_array)}
+                )
+            return self._joblib
         if (module, name) in _SAFE:
             return _SAFE[(module, name)]
         if self._stand_in is not None and self._stand_in(module, name):
@@ -289,16 +309,9 @@ class SafeUnpickler(pickle._Unpickler):
             raise ValueError(f"{self.source}: refusing persistent id {pid!r} outside a torch.save file")
         return self._persistent(pid)
 
-    def _load_build(self) -> None:
-        stack = self.stack
-        state = stack[-1]
-        inst = stack[-2]
-        if isinstance(inst, _JoblibArray):
-            stack.pop()
-            inst.state = dict(state)
-            stack[-1] = self._read_joblib_array(inst.state)
-            return
-        pickle._Unpickler.load_build(self)
+    def load(self) -> Any:
+        obj = super().load()
+        return obj if self._joblib is None else _resolve_lazy(obj, self.source)
 
     def _read_joblib_array(self, st: dict) -> np.ndarray:
         dtype, shape, order = st.get("dtype"), st.get("shape"), st.get("order", "C")
@@ -386,7 +399,7 @@ class _LazyTensor:
 
 
 def _resolve_lazy(obj: Any, source: str, _seen: dict | None = None) -> Any:
-    """Replaces lazy storages / tensors (legacy format) by arrays, in containers of any depth."""
+    """Replaces lazy storages / tensors (legacy format) and joblib wrappers by arrays, in containers of any depth."""
     seen = {} if _seen is None else _seen
     if id(obj) in seen:
         return seen[id(obj)]
@@ -396,6 +409,10 @@ def _resolve_lazy(obj: Any, source: str, _seen: dict | None = None) -> Any:
         out = obj.filled[obj.key]
     elif isinstance(obj, _LazyTensor):
         out = _rebuild_tensor(_resolve_lazy(obj.storage, source, seen), *obj.args)
+    elif isinstance(obj, _JoblibArray):
+        if obj.array is None:
+            raise ValueError(f"{source}: a joblib array wrapper without its data")
+        out = obj.array
     elif isinstance(obj, dict):
         out = type(obj)() if isinstance(obj, collections.OrderedDict) else {}
         seen[id(obj)] = out
