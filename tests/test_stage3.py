@@ -310,3 +310,34 @@ def test_cli_stage3_exit_status(assets, tmp_path, capsys) -> None:
         ]
     )
     assert status == 0 and (tmp_path / "o" / "policy_config.json").is_file()
+
+
+def test_lerobot_layout_fixture_trains_through_the_cli(assets, tmp_path) -> None:
+    """A dataset laid out as LeRobot's own code writes it (two AV1 cameras, 8-d state, 7-d action, three
+    episodes; built without our writer) trains through `vipa-train stage3 --recipe cpu-tiny`, and the policy
+    acts on its frames in its units."""
+    from tests.lerobot_v3_fixture import CAMERAS, build_v3_fixture
+
+    truth = build_v3_fixture(tmp_path / "lerobot_layout")
+    out = tmp_path / "o"
+    argv = [
+        "stage3",
+        "--recipe",
+        "cpu-tiny",
+        "--model",
+        str(assets / "init"),
+        "--data",
+        str(tmp_path / "lerobot_layout"),
+    ]
+    assert cli_main([*argv, "--output", str(out), "--max-steps", "2"]) == 0
+    report = json.loads((out / "data_report.json").read_text())["datasets"][0]
+    assert report["frames"] == len(truth["state"]) and report["episodes_kept"] == len(truth["lengths"])
+    policy = VipaPolicy.from_pretrained(out, device="cpu")
+    assert policy.spec.camera_keys == list(CAMERAS) and (policy.spec.state_dim, policy.spec.action_dim) == (
+        8,
+        7,
+    )
+    obs = {k: truth["frames"][k][0] for k in CAMERAS}
+    obs.update({"observation.state": truth["state"][0], "task": truth["task"][0]})
+    chunk = policy.predict_action_chunk(obs)
+    assert chunk.shape == (HORIZON, 7) and np.isfinite(chunk).all()

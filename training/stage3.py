@@ -49,7 +49,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from transformers.utils import logging as hf_logging
 
 from evaluation.policy import (
@@ -66,6 +65,8 @@ from training.common import (
     RECIPES_DIR,
     assert_trainable,
     check_compatible,
+    gradient_accumulation_steps,
+    load_recipe,
     mixed_precision,
     summarize_trainable,
     world_size,
@@ -184,36 +185,13 @@ class Stage3Recipe:
 
     def gradient_accumulation_steps(self, processes: int) -> int:
         """global_batch_size / (per_device_batch_size x processes); it must divide exactly."""
-        per_step = self.per_device_batch_size * processes
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"recipe: global_batch_size={self.global_batch_size} is not a multiple of per_device_batch_size "
-                f"({self.per_device_batch_size}) x processes ({processes}) = {per_step}"
-            )
-        return self.global_batch_size // per_step
+        return gradient_accumulation_steps(self.global_batch_size, self.per_device_batch_size, processes)
 
 
 def load_stage3_recipe(name_or_path: str | os.PathLike, **overrides: Any) -> Stage3Recipe:
     """A `Stage3Recipe` from a shipped name (`paper-libero`, `paper-robocasa`, `cpu-tiny`) or a YAML file;
     `overrides` (None values ignored) replace fields. Unknown keys are a `ValueError` naming them."""
-    path = Path(name_or_path)
-    shipped = STAGE3_RECIPES_DIR / f"{name_or_path}.yaml"
-    if shipped.is_file():
-        path = shipped
-    elif not path.is_file():
-        names = sorted(p.stem for p in STAGE3_RECIPES_DIR.glob("*.yaml"))
-        raise ValueError(
-            f"recipe: {str(name_or_path)!r} is neither a shipped stage-3 recipe {names} nor a YAML file"
-        )
-    values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"recipe {path}: expected a mapping of fields, got {type(values).__name__}")
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    known = {f.name for f in dataclasses.fields(Stage3Recipe)}
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ValueError(f"recipe {path}: unknown fields {unknown}; known: {sorted(known)}")
-    return Stage3Recipe(**values)
+    return load_recipe(name_or_path, Stage3Recipe, STAGE3_RECIPES_DIR, **overrides)
 
 
 def resolve_stage3_recipe(
