@@ -9,7 +9,8 @@
 
 Core (`pip install vipa-vla`) is what `import modeling_vipa`, the processor and the Hand3D toolkit need. The
 extras (pyproject.toml): `train` (trl, peft, accelerate: stages 1-3), `sim` (mujoco: the synth source),
-`robot` (PyAV, msgpack, websockets: LeRobot datasets, the policy server), `demo` (gradio, plotly: the Space),
+`sources` (PyAV, h5py: the real Hand3D sources' videos and HDF5), `robot` (PyAV, msgpack, websockets:
+LeRobot datasets, the policy server), `demo` (gradio, plotly: the Space),
 `ray` (the distributed Hand3D build), `dev` (tests, lint).
 """
 
@@ -20,7 +21,7 @@ from types import ModuleType
 
 __all__ = ["EXTRAS", "require"]
 
-EXTRAS = ("train", "sim", "robot", "demo", "ray", "dev")
+EXTRAS = ("train", "sim", "sources", "robot", "demo", "ray", "dev")
 
 
 def require(module: str, extra: str) -> ModuleType:
