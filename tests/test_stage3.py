@@ -249,6 +249,20 @@ def test_stage2_start_and_lora(assets, tmp_path) -> None:
     assert sorted(processor["norm_stats"]) == ["other", "toy"]
 
 
+def test_start_kind_is_read_from_the_checkpoint(assets, tmp_path) -> None:
+    import shutil
+
+    from training.stage3 import load_start_model
+
+    assert load_start_model(assets / "init", tiny_recipe())[2].kind == "no-pretraining"
+    shutil.copytree(assets / "init", tmp_path / "stage1")
+    (tmp_path / "stage1" / "training_summary.json").write_text(json.dumps({"stage": 1}))
+    model, _, start = load_start_model(tmp_path / "stage1", tiny_recipe(), dataset_dims=(6, 5))
+    assert start.kind == "stage1" and start.spatial_branch and start.alpha == 0.5
+    head = model.config.action_head_config
+    assert (head.state_dim, head.action_dim, head.horizon) == (6, 5, HORIZON)  # sized to the data
+
+
 def _nan_dataset(root):
     """Two episodes; then one action value of episode 1 is overwritten with NaN in the data parquet itself (the
     writer refuses NaN, a recording from elsewhere may not)."""

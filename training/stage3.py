@@ -63,6 +63,7 @@ from modeling_vipa.modeling_vipa import VipaForActionPrediction
 from processing_vipa.processing_vipa import VipaProcessor
 from training.common import (
     RECIPES_DIR,
+    TRAINING_MARKER,
     assert_trainable,
     check_compatible,
     gradient_accumulation_steps,
@@ -208,7 +209,7 @@ def resolve_stage3_recipe(
 class StartPoint:
     """What the starting checkpoint was (Table 5 / Table 7 rows are told apart by it)."""
 
-    kind: str  # "stage2" | "no-pretraining" | "single-encoder" | "stage3"
+    kind: str  # "stage2" | "stage1" | "no-pretraining" | "single-encoder" | "stage3"
     motion_tokens: bool  # the vocabulary holds motion tokens (stage 2 added them)
     spatial_branch: bool  # the 3D branch is on (fusion alpha != 0)
     alpha: float  # the fusion's alpha as loaded
@@ -268,11 +269,15 @@ def load_start_model(
     check_compatible(model, processor)
     alpha = float(model.model.fusion.alpha.detach())
     motion = model.config.motion_token_ids is not None
+    marker = folder / TRAINING_MARKER  # written by every training entry point: which stage made this
+    trained_stage = json.loads(marker.read_text()).get("stage") if marker.is_file() else None
     if is_action:
         kind = "stage3"
     elif alpha == 0.0:
         kind = "single-encoder"
-    else:
+    elif trained_stage in (1, 2):
+        kind = f"stage{trained_stage}"
+    else:  # no marker: motion tokens mean stage 2 ran; none mean a fresh composition (build_checkpoint)
         kind = "stage2" if motion else "no-pretraining"
     return model, processor, StartPoint(kind, motion, alpha != 0.0, alpha)
 
@@ -600,9 +605,8 @@ def _save_checkpoint(accelerator: Any, output_dir: Path, step: int, recipe: Stag
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        (tmp / "recipe.json").write_text(
-            json.dumps(dataclasses.asdict(recipe), indent=2)
-        )  # marks it complete
+        # recipe.json marks the folder complete (and lets a resume check that the recipe is the same)
+        (tmp / "recipe.json").write_text(json.dumps(dataclasses.asdict(recipe), indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
         done = sorted(p for p in root.glob("step-*") if _STEP_DIR.match(p.name))
