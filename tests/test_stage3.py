@@ -376,3 +376,68 @@ def test_lerobot_layout_fixture_trains_through_the_cli(assets, tmp_path) -> None
     obs.update({"observation.state": truth["state"][0], "task": truth["task"][0]})
     chunk = policy.predict_action_chunk(obs)
     assert chunk.shape == (HORIZON, 7) and np.isfinite(chunk).all()
+
+
+def test_collator_pads_state_and_actions_with_masks_by_hand(assets) -> None:
+    """Two embodiments in one batch: each sample normalised with its own statistics, zero-padded to the head's
+    widths, and the loss mask exactly 1 on its real steps and real dimensions."""
+    from evaluation.policy import EmbodimentSpec
+    from training.stage3 import ActionCollator
+
+    stats = {
+        "a": {"state": {"mean": [1.0, 2.0], "std": [2.0, 4.0]}, "action": {"mean": [0.5], "std": [0.25]}},
+        "b": {
+            "state": {"mean": [0.0] * 3, "std": [1.0] * 3},
+            "action": {"mean": [1.0, -1.0], "std": [2.0, 2.0]},
+        },
+    }
+    processor = build_tiny_processor(norm_stats=stats)
+    specs = [
+        EmbodimentSpec("a", ["cam0"], state_dim=2, action_dim=1),
+        EmbodimentSpec("b", ["cam0", "cam1"], state_dim=3, action_dim=2),
+    ]
+    image = np.zeros((20, 20, 3), np.uint8)
+    item_a = {
+        "cam0": image,
+        "observation.state": np.array([3.0, 6.0]),
+        "action": np.array([[1.0], [0.75], [0.5]]),
+    }
+    item_a.update({"action_is_pad": np.array([False, False, True]), "task": "a"})
+    item_b = {"cam0": image, "cam1": image, "observation.state": np.array([1.0, 2.0, 3.0]), "task": "b"}
+    item_b.update({"action": np.array([[3.0, 1.0]] * 3), "action_is_pad": np.array([False, True, True])})
+    batch = ActionCollator(processor, specs, state_dim=4, action_dim=3)([(0, item_a), (1, item_b)])
+    eps = 1e-6  # the processor's epsilon on the scale
+    np.testing.assert_allclose(batch["state"][0], [2.0 / (2 + eps), 4.0 / (4 + eps), 0, 0], rtol=1e-6)
+    np.testing.assert_allclose(batch["state"][1], [1.0, 2.0, 3.0, 0], rtol=1e-5)
+    np.testing.assert_allclose(batch["actions"][0, :, 0], [2.0, 1.0, 0.0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(batch["actions"][1, 0], [1.0, 1.0, 0.0], rtol=1e-5)
+    expected_mask = np.zeros((2, 3, 3))
+    expected_mask[0, :2, :1] = 1
+    expected_mask[1, :1, :2] = 1
+    np.testing.assert_array_equal(batch["action_mask"].numpy(), expected_mask)
+    assert batch["spatial_frame_mask"].tolist() == [[True, False], [True, True]]
+    assert batch["pixel_values"].shape[0] == 3  # frames of both samples
+
+
+def test_two_embodiments_in_one_run(assets, tmp_path) -> None:
+    from tests.lerobot_v3_fixture import CAMERAS, build_v3_fixture
+
+    build_v3_fixture(tmp_path / "two_cams", cameras_as="image")  # 2 cameras, state 8, action 7
+    out = tmp_path / "out"
+    result = train_stage3(
+        assets / "init", [assets / "toy", tmp_path / "two_cams"], out, recipe=tiny_recipe(max_steps=2)
+    )
+    assert result.finished
+    head = json.loads((out / "config.json").read_text())["action_head_config"]
+    assert (head["state_dim"], head["action_dim"]) == (8, 7)  # the widest dataset
+    toy = VipaPolicy.from_pretrained(out, unnorm_key="toy", device="cpu")
+    two = VipaPolicy.from_pretrained(out, unnorm_key="two_cams", device="cpu")
+    state, _, images = episode_arrays()
+    assert toy.predict_action_chunk(
+        {"observation.images.front": images[0], "observation.state": state[0], "task": TASK}
+    ).shape == (HORIZON, 5)
+    obs = {k: np.zeros((32, 48, 3), np.uint8) for k in CAMERAS}
+    obs.update({"observation.state": np.zeros(8, np.float32), "task": "open the top drawer"})
+    assert two.predict_action_chunk(obs).shape == (HORIZON, 7)
+    config = json.loads((out / "policy_config.json").read_text())
+    assert sorted(config["embodiments"]) == ["toy", "two_cams"] and config["default_unnorm_key"] == "toy"
