@@ -163,15 +163,15 @@ def observation(size: int = 224, batch: int | None = None) -> dict:
     return obs
 
 
-def bench_policy(repeats: int, device: torch.device) -> dict[str, float]:
-    policy = tiny_policy(horizon=16, n_action_steps=8, device=device)
-    obs = observation()
+def time_policy(policy: VipaPolicy, obs: dict, repeats: int, device: torch.device) -> dict[str, float]:
+    """Best-of times (s) of the prefix, the model's predict_action (N = 10) and the policy's chunk."""
     frames, tasks, _, _, _ = policy._parse(obs)
-    inputs = {k: v.to(device) for k, v in prepare_observation_inputs(policy.processor, frames, tasks).items()}
+    inputs = prepare_observation_inputs(policy.processor, frames, tasks)
+    inputs = {k: v.to(device) for k, v in inputs.items()}
     state = torch.randn(1, 8, device=device)
     model = policy.model
     with torch.inference_mode():
-        t = time_interleaved(
+        return time_interleaved(
             {
                 "prefix": lambda: model.encode_action_queries(**inputs),
                 "predict_action": lambda: model.predict_action(
@@ -184,23 +184,33 @@ def bench_policy(repeats: int, device: torch.device) -> dict[str, float]:
             device,
         )
 
-    policy.reset()
+
+def bench_policy(repeats: int, device: torch.device) -> dict[str, float]:
+    """(b) at H = 4 (the tiny head, bench_model's setting) and H = 16; (c) at H = 16 with 8 executed."""
+    rows: dict[str, float] = {}
+    obs = observation()
+    for horizon in (4, 16):
+        policy = tiny_policy(horizon=horizon, n_action_steps=min(8, horizon), device=device)
+        t = time_policy(policy, obs, repeats, device)
+        print(f"\n[tiny] policy, 2 x 224^2 cameras, H = {horizon}, device {device}, best of {repeats}")
+        for key, value in t.items():
+            print(f"  {key:<22} {value * 1e3:9.2f} ms")
+        tag = f"[tiny, H={horizon}]"
+        rows[f"{tag} predict_action (N=10) / prefix (<= 1.5)"] = t["predict_action"] / t["prefix"]
+        rows[f"{tag} predict_action_chunk / prefix (preprocessing included)"] = (
+            t["predict_action_chunk"] / t["prefix"]
+        )
     calls = 8 * max(4, repeats)
+    policy.reset()
     policy.select_action(obs)  # warm-up
     policy.reset()
     start = time.perf_counter()
     for _ in range(calls):
         policy.select_action(obs)
     rate = calls / (time.perf_counter() - start)
-    print(f"\n[tiny] policy, 2 x 224^2 cameras, H = 16, device {device}, best of {repeats}")
-    for key, value in t.items():
-        print(f"  {key:<22} {value * 1e3:9.2f} ms")
     print(f"  select_action rate     {rate:9.1f} Hz (8 of 16 actions executed per chunk)")
-    return {
-        "[tiny] predict_action (N=10) / prefix (<= 1.5)": t["predict_action"] / t["prefix"],
-        "[tiny] predict_action_chunk / prefix (with preprocessing)": t["predict_action_chunk"] / t["prefix"],
-        "[tiny] select_action control rate, Hz (>= 50)": rate,
-    }
+    rows["[tiny, H=16] select_action control rate, Hz (>= 50)"] = rate
+    return rows
 
 
 def bench_server(repeats: int) -> dict[str, float]:
@@ -283,7 +293,7 @@ def main() -> None:
     rows.update(bench_policy(args.repeats, torch.device("cpu")))
     if device.type == "cuda":
         rows.update(
-            {k.replace("[tiny]", "[tiny, cuda]"): v for k, v in bench_policy(args.repeats, device).items()}
+            {k.replace("[tiny", "[cuda, tiny"): v for k, v in bench_policy(args.repeats, device).items()}
         )
     rows.update(bench_server(args.repeats))
     print("\n| measurement | value |\n|---|---|")
