@@ -515,3 +515,17 @@ def test_grouped_sampler_is_a_permutation_and_batches_load(lerobot_fixture):
         seen += batch["index"].tolist()
     assert sorted(seen) == list(range(len(ds)))
     assert ds._cache.misses == 2 * 5  # each block decoded once per camera
+
+
+def test_forked_workers_after_decoding_in_parent(lerobot_fixture):
+    """Decoding in the parent then forking DataLoader workers must not hang (an swscale context with worker
+    threads, inherited through fork, once blocked the child forever)."""
+    root, ref = lerobot_fixture
+    ds = LeRobotV3Dataset(root, action_horizon=2, image_size=16)
+    ds[0], ds[17]  # parent decodes (and resizes) first
+    loader = torch.utils.data.DataLoader(
+        ds, batch_size=6, num_workers=2, multiprocessing_context="fork", timeout=60, shuffle=False
+    )
+    frames = torch.cat([b[CAMERAS[0]] for b in loader])
+    assert frames.shape == (18, 16, 16, 3)
+    assert torch.equal(frames[17], ds[17][CAMERAS[0]])

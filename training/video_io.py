@@ -17,6 +17,7 @@ Usage:
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from fractions import Fraction
@@ -42,6 +43,24 @@ def _av():
     import av  # imported lazily: a dataset of images in parquet needs no PyAV
 
     return av
+
+
+_LOCAL = threading.local()
+
+
+def _reformatter():
+    """One swscale context per thread and process, reused across frames, single-threaded.
+
+    A frame's own `to_ndarray(format=...)` builds a new context (with its own slice-thread pool) every call,
+    5x the cost of the conversion itself here (0.30 vs 0.05 ms per 256 x 256 frame). Keyed by process id and
+    run with `threads=1`: a context inherited through fork (a DataLoader worker) would wait forever on the
+    parent's worker threads, which do not exist in the child.
+    """
+    if getattr(_LOCAL, "pid", None) != os.getpid():
+        from av.video.reformatter import VideoReformatter
+
+        _LOCAL.reformatter, _LOCAL.pid = VideoReformatter(), os.getpid()
+    return _LOCAL.reformatter
 
 
 def default_av1_codec() -> str:
@@ -107,6 +126,7 @@ def decode_segment(
     av = _av()
     frames: list[np.ndarray] = []
     times: list[float] = []
+    reformat = _reformatter()
     with av.open(str(path)) as container:
         stream = container.streams.video[0]
         stream.thread_count = threads
@@ -125,9 +145,12 @@ def decode_segment(
             if t > end_s + margin_s:
                 break
             if size is None:
-                frames.append(frame.to_ndarray(format="rgb24"))
+                rgb = reformat.reformat(frame, format="rgb24", threads=1)
             else:
-                frames.append(frame.to_ndarray(format="rgb24", width=size, height=size))
+                rgb = reformat.reformat(
+                    frame, format="rgb24", width=size, height=size, interpolation="BILINEAR", threads=1
+                )
+            frames.append(rgb.to_ndarray())
             times.append(t)
     if frames:
         return DecodedSegment(np.asarray(times, np.float64), np.stack(frames))

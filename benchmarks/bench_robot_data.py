@@ -1,0 +1,201 @@
+"""Robot-data loading benchmark (issue 14 §5): the LeRobot v3 reader against naive per-sample decoding, one run.
+
+A dataset is recorded with `LeRobotV3Writer` (2 camera views of 256 x 256, AV1 by SVT-AV1 at LeRobot's
+settings, 8-D state, 7-D action, a 16-step action chunk per sample) and read three ways, each through a
+`torch.utils.data.DataLoader` with the same workers and batch size:
+
+- `reader`: `LeRobotV3Dataset` + `EpisodeGroupedSampler` (a shuffled epoch drawn a few decode blocks at a
+  time; each worker decodes a block of frames once, sequentially, and keeps it in its LRU);
+- `reader, plain shuffle`: the same dataset with `RandomSampler` (every sample from a random episode: the
+  block cache rarely hits, this is the reader's worst case);
+- `baseline`: naive per-sample seek-and-decode, what LeRobot's PyAV path does for each sample and camera
+  (open the file, seek to the keyframe before the frame, decode forward to it, convert to RGB), in the
+  grouped order.
+
+"frames/s" counts dataset frames (time steps), each with both views decoded, the state and the action chunk.
+The machine is shared: the load average is printed before and after, and ratios within the run are what count.
+
+Usage:
+
+    python benchmarks/bench_robot_data.py                         # 2 workers, 24 episodes x 100 frames
+    python benchmarks/bench_robot_data.py --workers 0 1 2 --episodes 40 --data /tmp/robot_bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from training.lerobot_dataset import EpisodeGroupedSampler, LeRobotV3Dataset, LeRobotV3Writer  # noqa: E402
+from training.video_io import decode_segment  # noqa: E402
+
+CAMERAS = ("observation.images.image", "observation.images.wrist_image")
+
+
+def scene(
+    episode: int, t: int, view: int, size: int, rng: np.random.Generator, texture: np.ndarray
+) -> np.ndarray:
+    """A textured picture that moves every frame (so the codec has real work), different per view."""
+    shift = (3 * t + 17 * episode + 50 * view) % size
+    img = np.roll(texture, shift, axis=1).astype(np.int16)
+    yy = int(size * (0.2 + 0.6 * ((t * 0.01 + 0.1 * episode) % 1.0)))
+    img[max(yy - 12, 0) : yy + 12, size // 3 : size // 3 + 40] = (200, 60, 40)  # a moving "object"
+    return np.clip(img + rng.integers(-3, 4, img.shape), 0, 255).astype(np.uint8)
+
+
+def build(root: Path, episodes: int, length: int, size: int) -> None:
+    features = {
+        cam: {"dtype": "video", "shape": [size, size, 3], "names": ["height", "width", "channels"]}
+        for cam in CAMERAS
+    }
+    features["observation.state"] = {"dtype": "float32", "shape": [8], "names": None}
+    features["action"] = {"dtype": "float32", "shape": [7], "names": None}
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:size, 0:size]
+    texture = np.stack([128 + 60 * np.sin(xx / 9.0), 128 + 60 * np.cos(yy / 13.0), 100 + 0.3 * (xx + yy)], -1)
+    writer = LeRobotV3Writer.create(root, fps=10, features=features, robot_type="bench")
+    for e in range(episodes):
+        for t in range(length):
+            frame = {cam: scene(e, t, v, size, rng, texture) for v, cam in enumerate(CAMERAS)}
+            frame["observation.state"] = rng.normal(size=8).astype(np.float32)
+            frame["action"] = rng.normal(size=7).astype(np.float32)
+            writer.add_frame(frame, task=f"task {e % 4}")
+        writer.save_episode()
+    writer.finalize()
+
+
+class NaiveSeekDataset(torch.utils.data.Dataset):
+    """The baseline: per sample and camera, open the MP4, seek to the keyframe before the frame's timestamp
+    and decode forward to it (no reuse between samples); state and action chunk as the reader gives them."""
+
+    def __init__(self, reader: LeRobotV3Dataset):
+        self.reader = reader
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def __getitem__(self, i: int) -> dict:
+        r = self.reader
+        e, t = int(r._ep[i]), float(r._ts[i])
+        item = {}
+        for cam in r.camera_keys:
+            path, from_ts = r._episode_info[e]["videos"][cam]
+            seg = decode_segment(path, from_ts + t, from_ts + t, size=r.image_size, margin_s=1e-3)
+            item[cam] = torch.from_numpy(seg.frames[int(seg.lookup(from_ts + t, r.tolerance_s)[0])].copy())
+        start, n, f = int(r._ep_start[i]), int(r._ep_len[i]), int(r._frame[i])
+        steps = f + np.arange(r.action_horizon)
+        item["action"] = torch.from_numpy(r._action[start + np.minimum(steps, n - 1)])
+        item["action_is_pad"] = torch.from_numpy(steps >= n)
+        item["observation.state"] = torch.from_numpy(r._state[i].copy())
+        return item
+
+
+def run(dataset, sampler, workers: int, batch_size: int, limit: int) -> tuple[float, int]:
+    """Frames per second over up to `limit` samples, timed from the first batch on (steady state: worker
+    start-up is excluded, as with persistent workers). Each run starts with an empty decode cache."""
+    if isinstance(dataset, LeRobotV3Dataset):
+        dataset._cache = None
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        multiprocessing_context="fork" if workers else None,
+        timeout=120 if workers else 0,
+    )
+    count, start = 0, None
+    for batch in loader:
+        if start is None:
+            start = time.perf_counter()
+            continue
+        count += len(batch["action"])
+        if count >= limit:
+            break
+    return count / (time.perf_counter() - start), count
+
+
+class Subset(torch.utils.data.Sampler[int]):
+    def __init__(self, order: list[int]):
+        self.order = order
+
+    def __iter__(self):
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data", type=Path, default=None, help="dataset folder (built there when absent)")
+    parser.add_argument("--episodes", type=int, default=24)
+    parser.add_argument("--length", type=int, default=100, help="frames per episode")
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--workers", type=int, nargs="+", default=[2])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--baseline-samples", type=int, default=640)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    tmp = None
+    root = args.data
+    if root is None:
+        tmp = tempfile.TemporaryDirectory()
+        root = Path(tmp.name) / "robot"
+    if not (root / "meta" / "info.json").exists():
+        t0 = time.perf_counter()
+        build(root, args.episodes, args.length, args.size)
+        print(
+            f"recorded {args.episodes} x {args.length} frames, 2 views {args.size}^2 AV1 in {time.perf_counter() - t0:.1f} s"
+        )
+    load_before = os.getloadavg()
+    ds = LeRobotV3Dataset(root, action_horizon=16)
+    n = len(ds)
+    grouped = list(EpisodeGroupedSampler(ds, blocks_in_flight=8, seed=0))
+    print(
+        f"machine: {os.cpu_count()} cores, load average before {load_before[0]:.2f} / {load_before[1]:.2f} (1 / 5 min)"
+    )
+    print(f"dataset: {n} frames, {len(ds.episode_ranges)} episodes, views {ds.camera_keys}")
+    print()
+    print("| workers | loader | frames/s | samples timed | x baseline |")
+    print("|---|---|---|---|---|")
+    for w in args.workers:
+        base, nb = run(
+            NaiveSeekDataset(ds),
+            Subset(grouped[: args.baseline_samples]),
+            w,
+            args.batch_size,
+            args.baseline_samples,
+        )
+        fast, nf = run(ds, Subset(grouped), w, args.batch_size, n)
+        plain, npl = run(
+            ds,
+            torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
+            w,
+            args.batch_size,
+            args.baseline_samples,
+        )
+        print(f"| {w} | baseline: per-sample seek + decode | {base:,.0f} | {nb} | 1.0 |")
+        print(f"| {w} | reader, EpisodeGroupedSampler | {fast:,.0f} | {nf} | {fast / base:.1f} |")
+        print(f"| {w} | reader, plain shuffle | {plain:,.0f} | {npl} | {plain / base:.1f} |")
+    load_after = os.getloadavg()
+    print()
+    print(
+        f"load average after {load_after[0]:.2f} / {load_after[1]:.2f} (1 / 5 min); this run's own loader uses up to {max(args.workers)} worker(s)"
+    )
+    if tmp is not None:
+        tmp.cleanup()
+
+
+if __name__ == "__main__":
+    main()
