@@ -46,7 +46,8 @@ class Spy:
         self.calls.append(kwargs)
         if self.zero_noise:  # the same start for every sample: a batch row must equal the sample alone
             head = self.real.__self__.config.action_head_config
-            kwargs["noise"] = torch.zeros(kwargs["state"].shape[0], head.horizon, head.action_dim)
+            shape = (kwargs["state"].shape[0], head.horizon, head.action_dim)
+            kwargs["noise"] = torch.zeros(shape, device=kwargs["state"].device)
             kwargs.pop("generator", None)
         if self.chunk is None:
             return self.real(**kwargs)
@@ -155,9 +156,11 @@ def test_batch_change_needs_reset_and_loading_errors(checkpoint) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_gpu_matches_cpu(checkpoint) -> None:
-    cpu = VipaPolicy.from_pretrained(checkpoint / "out", device="cpu", noise_seed=2)
-    gpu = VipaPolicy.from_pretrained(checkpoint / "out", device="cuda", noise_seed=2)
-    noise = torch.Generator().manual_seed(3)
-    a = cpu.predict_action_chunk(observation(), generator=noise)
-    b = gpu.predict_action_chunk(observation(), generator=torch.Generator("cuda").manual_seed(3))
-    assert b.shape == a.shape and np.isfinite(b).all()
+    """The same chunk on the GPU (bf16 autocast where supported) as on the CPU, from the same (zero) noise."""
+    cpu = VipaPolicy.from_pretrained(checkpoint / "out", device="cpu")
+    gpu = VipaPolicy.from_pretrained(checkpoint / "out", device="cuda")
+    Spy(cpu, zero_noise=True)
+    Spy(gpu, zero_noise=True)
+    a, b = cpu.predict_action_chunk(observation()), gpu.predict_action_chunk(observation())
+    assert isinstance(b, np.ndarray) and b.shape == a.shape
+    np.testing.assert_allclose(b, a, rtol=0.05, atol=0.05 * float(np.abs(a).max()))
