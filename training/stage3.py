@@ -267,7 +267,7 @@ def load_start_model(
         raise ValueError(f"model_dir: {str(folder)!r} does not load into VipaForActionPrediction: {problems}")
     processor = VipaProcessor.from_pretrained(str(folder), trust_remote_code=False)
     check_compatible(model, processor)
-    alpha = float(model.model.fusion.alpha.detach())
+    alpha = _stored_alpha(folder, model)
     motion = model.config.motion_token_ids is not None
     marker = folder / TRAINING_MARKER  # written by every training entry point: which stage made this
     trained_stage = json.loads(marker.read_text()).get("stage") if marker.is_file() else None
@@ -280,6 +280,22 @@ def load_start_model(
     else:  # no marker: motion tokens mean stage 2 ran; none mean a fresh composition (build_checkpoint)
         kind = "stage2" if motion else "no-pretraining"
     return model, processor, StartPoint(kind, motion, alpha != 0.0, alpha)
+
+
+def _stored_alpha(folder: Path, model: VipaForActionPrediction) -> float:
+    """The fusion's alpha as stored in the checkpoint's safetensors. Read from the file, not the model: under
+    FSDP with `fsdp_cpu_ram_efficient_loading` only rank 0 holds weights before `prepare` (meta elsewhere)."""
+    from safetensors import safe_open
+
+    name, file = "model.fusion.alpha", folder / "model.safetensors"
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        file = folder / json.loads(index.read_text())["weight_map"].get(name, "")
+    if file.is_file():
+        with safe_open(str(file), "pt") as f:
+            if name in f.keys():
+                return float(f.get_tensor(name).float())
+    return float(model.model.fusion.alpha.detach().float())
 
 
 def stage3_trainable_prefixes(
