@@ -48,15 +48,14 @@ __all__ = [
     "PolicyConfigFile",
     "VipaPolicy",
     "build_prompt",
+    "has_spatial_branch",
     "prepare_observation_inputs",
     "read_policy_config",
     "zero_spatial_tokens",
 ]
 
-POLICY_CONFIG = (
-    "policy_config.json"  # beside the weights: the embodiments a stage-3 checkpoint was trained on
-)
-IMAGE_PREFIX = "observation.images."  # LeRobot's camera feature prefix
+# beside the weights: the embodiments a stage-3 checkpoint was trained on
+POLICY_CONFIG = "policy_config.json"
 
 
 @dataclass
