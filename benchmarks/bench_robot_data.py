@@ -5,7 +5,8 @@ settings, 8-D state, 7-D action, a 16-step action chunk per sample) and read thr
 `torch.utils.data.DataLoader` with the same workers and batch size:
 
 - `reader`: `LeRobotV3Dataset` + `EpisodeGroupedSampler` (a shuffled epoch drawn a few decode blocks at a
-  time; each worker decodes a block of frames once, sequentially, and keeps it in its LRU);
+  time, one stream of blocks per worker; each block of frames is decoded once, sequentially, and kept in
+  that worker's LRU);
 - `reader, plain shuffle`: the same dataset with `RandomSampler` (every sample from a random episode: the
   block cache rarely hits, this is the reader's worst case);
 - `baseline`: naive per-sample seek-and-decode, what LeRobot's PyAV path does for each sample and camera
@@ -177,7 +178,10 @@ def main() -> None:
             args.batch_size,
             args.baseline_samples,
         )
-        fast, nf = run(ds, Subset(grouped), w, args.batch_size, n)
+        streams = EpisodeGroupedSampler(
+            ds, blocks_in_flight=8, seed=0, batch_size=args.batch_size, num_streams=max(w, 1)
+        )
+        fast, nf = run(ds, streams, w, args.batch_size, n)
         plain, npl = run(
             ds,
             torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0)),

@@ -517,6 +517,25 @@ def test_grouped_sampler_is_a_permutation_and_batches_load(lerobot_fixture):
     assert ds._cache.misses == 2 * 5  # each block decoded once per camera
 
 
+def test_grouped_sampler_streams_keep_each_block_on_one_worker(lerobot_fixture):
+    root, _ = lerobot_fixture
+    ds = LeRobotV3Dataset(root, camera_keys=[], decode_block_frames=2)  # lengths 6, 4, 8 -> 9 blocks of 2
+    block = {i: (ds[i]["episode_index"], ds[i]["frame_index"] // 2) for i in range(18)}
+
+    def blocks_per_worker(order, batch_size=2, workers=2):
+        batches = [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+        return [{block[i] for b in batches[w::workers] for i in b} for w in range(workers)]  # round-robin
+
+    order = list(EpisodeGroupedSampler(ds, blocks_in_flight=2, seed=4, batch_size=2, num_streams=2))
+    assert sorted(order) == list(range(18))
+    w0, w1 = blocks_per_worker(order)
+    assert w0.isdisjoint(w1) and len(w0 | w1) == 9
+    w0, w1 = blocks_per_worker(list(EpisodeGroupedSampler(ds, blocks_in_flight=2, seed=4)))  # one stream
+    assert len(w0 & w1) >= 3  # without streams both workers decode most blocks
+    with pytest.raises(ValueError, match="batch_size"):
+        EpisodeGroupedSampler(ds, num_streams=2)
+
+
 def test_forked_workers_after_decoding_in_parent(lerobot_fixture):
     """Decoding in the parent then forking DataLoader workers must not hang (an swscale context with worker
     threads, inherited through fork, once blocked the child forever)."""

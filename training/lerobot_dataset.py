@@ -776,17 +776,35 @@ class EpisodeGroupedSampler(torch.utils.data.Sampler[int]):
 
     The dataset's frames are cut into units of `dataset.decode_block_frames` consecutive frames of one episode
     (the video decode blocks); units are shuffled, taken `blocks_in_flight` at a time, and the frames of each
-    group are shuffled together. A batch therefore mixes several episodes and positions while each worker's
-    LRU decodes each block once. Deterministic for a (seed, epoch); call `set_epoch` every epoch. The same
-    order on every process, so Accelerate / DDP shard it by batch as usual.
+    group are shuffled together. A batch therefore mixes several episodes and positions while the LRU decodes
+    each block once.
+
+    DataLoader workers each have their own cache and receive batches round-robin (batch i goes to worker
+    i % num_workers). With `batch_size` and `num_streams` = num_workers x number of processes (Accelerate and
+    DDP deal batch i to process i % P), the units are dealt to `num_streams` disjoint streams and the output
+    interleaves one batch from each in turn, so a block is decoded by one worker only (from the epoch's last,
+    partial batch on, the alignment is lost and a few blocks may be decoded twice).
+
+    Deterministic for (seed, epoch) and the same on every process; call `set_epoch` every epoch.
     """
 
     def __init__(
-        self, dataset: LeRobotV3Dataset, blocks_in_flight: int = 8, shuffle: bool = True, seed: int = 0
+        self,
+        dataset: LeRobotV3Dataset,
+        blocks_in_flight: int = 8,
+        shuffle: bool = True,
+        seed: int = 0,
+        batch_size: int | None = None,
+        num_streams: int = 1,
     ):
         if blocks_in_flight < 1:
             raise ValueError(f"blocks_in_flight: expected >= 1, got {blocks_in_flight!r}")
+        if num_streams < 1 or (num_streams > 1 and (batch_size is None or batch_size < 1)):
+            raise ValueError(
+                f"num_streams: expected >= 1, and a batch_size >= 1 when > 1; got {num_streams!r}, {batch_size!r}"
+            )
         self.blocks_in_flight, self.shuffle, self.seed, self.epoch = blocks_in_flight, shuffle, seed, 0
+        self.batch_size, self.num_streams = batch_size, num_streams
         self._units = []
         for _, start, n in dataset.episode_ranges:
             block = dataset.decode_block_frames or n
@@ -799,15 +817,27 @@ class EpisodeGroupedSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self._len
 
+    def _grouped(self, rng: np.random.Generator, units: np.ndarray) -> list[int]:
+        out: list[int] = []
+        for g in range(0, len(units), self.blocks_in_flight):
+            group = np.concatenate([self._units[u] for u in units[g : g + self.blocks_in_flight]])
+            out += rng.permutation(group).tolist()
+        return out
+
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             yield from (int(i) for u in self._units for i in u)
             return
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(len(self._units))
-        for g in range(0, len(order), self.blocks_in_flight):
-            group = np.concatenate([self._units[u] for u in order[g : g + self.blocks_in_flight]])
-            yield from (int(i) for i in rng.permutation(group))
+        if self.num_streams == 1:
+            yield from self._grouped(rng, order)
+            return
+        streams = [self._grouped(rng, order[s :: self.num_streams]) for s in range(self.num_streams)]
+        b = self.batch_size
+        for pos in range(0, max(len(st) for st in streams), b):
+            for st in streams:
+                yield from st[pos : pos + b]
 
 
 # ---- writer ---------------------------------------------------------------------------------------------------

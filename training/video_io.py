@@ -11,7 +11,7 @@ Usage:
     for i in range(20):
         w.write(np.full((64, 64, 3), 10 * i, np.uint8))
     w.close()                                  # cam.mp4 appears only now (written as cam.mp4.partial first)
-    seg = decode_segment("cam.mp4", 0.5, 1.4)  # seg.timestamps (10,) seconds, seg.frames (10, 64, 64, 3) uint8
+    seg = decode_segment("cam.mp4", 0.5, 1.4)  # seg.timestamps (10,) seconds, seg.frames 10 x (64, 64, 3) uint8
 """
 
 from __future__ import annotations
@@ -80,11 +80,11 @@ class DecodedSegment:
     """Frames decoded from one time range of one video file."""
 
     timestamps: np.ndarray  # (N,) float64 seconds in the file's time line, increasing
-    frames: np.ndarray  # (N, H, W, 3) uint8 RGB
+    frames: list[np.ndarray]  # N arrays (H, W, 3) uint8 RGB (a list: stacking them cost more than decoding)
 
     @property
     def nbytes(self) -> int:
-        return int(self.frames.nbytes + self.timestamps.nbytes)
+        return int(sum(f.nbytes for f in self.frames) + self.timestamps.nbytes)
 
     def lookup(self, t: np.ndarray | float, tolerance_s: float) -> np.ndarray:
         """Indices of the frames nearest to times `t` (seconds); a time farther than `tolerance_s` from every
@@ -152,9 +152,7 @@ def decode_segment(
                 )
             frames.append(rgb.to_ndarray())
             times.append(t)
-    if frames:
-        return DecodedSegment(np.asarray(times, np.float64), np.stack(frames))
-    return DecodedSegment(np.zeros(0), np.zeros((0, size or 0, size or 0, 3), np.uint8))
+    return DecodedSegment(np.asarray(times, np.float64), frames)
 
 
 def probe_video(path: str | os.PathLike) -> dict[str, Any]:
