@@ -40,8 +40,10 @@ and decode per sample (benchmarks/bench_robot_data.py measures both).
 
 Usage (a dataset written here, then read back):
 
-    import numpy as np
-    from training.lerobot_dataset import LeRobotV3Writer, LeRobotV3Dataset, EpisodeGroupedSampler
+    import numpy as np, torch
+    from training.lerobot_dataset import (
+        EpisodeGroupedSampler, LeRobotV3Dataset, LeRobotV3Writer, norm_stats_for_processor,
+    )
     features = {
         "observation.images.front": {"dtype": "video", "shape": [64, 64, 3], "names": ["height", "width", "channels"]},
         "observation.state": {"dtype": "float32", "shape": [8], "names": None},
@@ -53,8 +55,11 @@ Usage (a dataset written here, then read back):
                      "observation.state": np.zeros(8, np.float32), "action": np.zeros(7, np.float32)},
                     task="pick up the cup")
     w.save_episode(); w.finalize()
-    ds = LeRobotV3Dataset("demo_robot", action_horizon=16)
-    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=EpisodeGroupedSampler(ds))
+    ds = LeRobotV3Dataset("demo_robot", action_horizon=16)   # or a Hub id: "HuggingFaceVLA/libero"
+    sampler = EpisodeGroupedSampler(ds, batch_size=8, num_streams=2)  # num_streams = workers x processes
+    loader = torch.utils.data.DataLoader(ds, batch_size=8, sampler=sampler, num_workers=2)
+    batch = next(iter(loader))   # batch["action"]: (8, 16, 7), batch["action_is_pad"]: (8, 16)
+    stats = norm_stats_for_processor(ds.meta, unnorm_key="demo")  # -> VipaProcessor(norm_stats=stats)
 """
 
 from __future__ import annotations
