@@ -405,12 +405,14 @@ def norm_stats_for_processor(
       1st-99th percentile range to [-1, 1] (openpi's quantile normalisation; robust to a few outlier actions;
       values beyond it are not clipped, so un-normalising still returns them).
 
-    The paper does not say which normalisation its models use. Its action head follows GR00T N1.5's
-    flow-matching DiT, which min-max scales state and action to [-1, 1]. The default here is "mean_std":
-    the flow-matching noise is N(0, I) and standardised targets have the same per-dimension scale, it is
-    LeRobot's choice for its flow-matching policies (pi0, SmolVLA) and the processor's default, and it does
-    not let one extreme value squash a whole dimension as min-max does. A dimension that never varies
-    (std = 0, e.g. a fixed joint) maps to 0 either way (the processor adds an epsilon).
+    The paper does not state the normalisation its models use, and flow-matching VLAs differ: GR00T N1.5 (a DiT
+    flow-matching head like VIPA-VLA's, a baseline the paper reproduces) min-max scales state and action to
+    [-1, 1], LeRobot's pi0 / SmolVLA standardise (mean/std), openpi's pi0.5 uses q01/q99 quantiles. The
+    default here is "mean_std": the flow-matching noise is N(0, I) and standardised targets have the same
+    per-dimension scale, it is the processor's default, and one extreme value cannot squash a whole dimension
+    as it does under min-max. A dimension that never varies (a fixed joint) becomes a constant (0 under
+    mean_std, -1 under min_max; the processor adds an epsilon) and un-normalises back to its value. The
+    recipe can pick another mode per dataset.
 
     `unnorm_key` defaults to the dataset folder's name.
     """
@@ -748,9 +750,10 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
             ) from err
 
     def __getitem__(self, i: int) -> dict[str, Any]:
+        i = int(i)
         if not -len(self) <= i < len(self):
             raise IndexError(f"index {i} out of range for {len(self)} frames")
-        i = int(i) % len(self)
+        i %= len(self)
         start, n, t = int(self._ep_start[i]), int(self._ep_len[i]), int(self._frame[i])
         steps = t + np.arange(self.action_horizon)
         is_pad = steps >= n
