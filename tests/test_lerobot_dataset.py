@@ -536,6 +536,23 @@ def test_grouped_sampler_streams_keep_each_block_on_one_worker(lerobot_fixture):
         EpisodeGroupedSampler(ds, num_streams=2)
 
 
+def test_random_access_with_reused_decoders_and_pickling(lerobot_fixture):
+    """Single-frame blocks read in a shuffled order through the per-process open decoders give the same
+    pictures as whole-episode decoding; a pickled copy (spawned workers) carries no open file or cache."""
+    import pickle
+
+    root, ref = lerobot_fixture
+    whole = LeRobotV3Dataset(root, decode_block_frames=0)
+    single = LeRobotV3Dataset(root, decode_block_frames=1, cache_mb=0)
+    for i in np.random.default_rng(0).permutation(len(whole)).tolist():
+        for cam in CAMERAS:
+            assert torch.equal(single[i][cam], whole[i][cam]), (i, cam)
+    assert len(single._videos._open) == 2  # one open file per camera, reused
+    copy = pickle.loads(pickle.dumps(single))
+    assert copy._cache is None and len(copy._videos._open) == 0
+    assert torch.equal(copy[7][CAMERAS[1]], whole[7][CAMERAS[1]])
+
+
 def test_forked_workers_after_decoding_in_parent(lerobot_fixture):
     """Decoding in the parent then forking DataLoader workers must not hang (an swscale context with worker
     threads, inherited through fork, once blocked the child forever)."""

@@ -79,7 +79,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from training.video_io import LRUCache, VideoStreamWriter, decode_segment, default_av1_codec, probe_video
+from training.video_io import (
+    LRUCache,
+    OpenVideos,
+    VideoStreamWriter,
+    decode_segment,
+    default_av1_codec,
+    probe_video,
+)
 
 __all__ = [
     "CODEBASE_VERSION",
@@ -514,6 +521,7 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
             chosen = list(dict.fromkeys(int(e) for e in episodes))
         self._load_frames([by_index[e] for e in chosen], check_videos)
         self._cache = None  # created in each process on first use (DataLoader workers copy the dataset)
+        self._videos = OpenVideos()  # open video files of this process (reopened after a fork)
 
     # -- construction -------------------------------------------------------------------------------------------
     def _skip(self, episode: int, reason: str, detail: str) -> None:
@@ -681,6 +689,10 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
         return out
 
     # -- access -------------------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """Pickled into spawned DataLoader workers without this process's decoded frames."""
+        return {**self.__dict__, "_cache": None}
+
     def __len__(self) -> int:
         return len(self._ts)
 
@@ -710,6 +722,7 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
                     from_ts + self._ts[last],
                     size=self.image_size,
                     margin_s=max(self.tolerance_s, 1e-3),
+                    videos=self._videos,
                 )
                 cache.put((key, e, b), seg, seg.nbytes)
             return seg.frames[int(seg.lookup(from_ts + self._ts[i], self.tolerance_s)[0])]

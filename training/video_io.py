@@ -109,6 +109,52 @@ class DecodedSegment:
         return idx
 
 
+_INHERITED: list = []  # containers a forked process inherited: never used, never freed
+
+
+class OpenVideos:
+    """Per-process LRU of open video files (demuxer + decoder), so repeated reads of one file skip the open and
+    the decoder start-up (1.9 vs 3.4 ms per random single-frame read here). Keyed by process id: a container
+    inherited through fork is never used."""
+
+    def __init__(self, max_open: int = 8, threads: int = 1):
+        self.max_open, self.threads = max_open, threads
+        self._open: OrderedDict[str, Any] = OrderedDict()
+        self._pid = os.getpid()
+
+    def __getstate__(self) -> dict:  # pickled into spawned workers: open files do not travel
+        return {"max_open": self.max_open, "threads": self.threads, "_open": OrderedDict(), "_pid": None}
+
+    def get(self, path: str | os.PathLike):
+        if self._pid != os.getpid():
+            # A forked copy: the parent's decoders are not ours to use, nor to free (freeing one could wait on
+            # decoder threads that exist only in the parent), so they are parked for the life of the process.
+            _INHERITED.extend(self._open.values())
+            self._open, self._pid = OrderedDict(), os.getpid()
+        key = str(path)
+        container = self._open.get(key)
+        if container is None:
+            container = _av().open(key)
+            stream = container.streams.video[0]
+            stream.thread_count = self.threads
+            stream.thread_type = "AUTO" if self.threads > 1 else "SLICE"
+            self._open[key] = container
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)[1].close()
+        self._open.move_to_end(key)
+        return container
+
+    def drop(self, path: str | os.PathLike) -> None:
+        container = self._open.pop(str(path), None)
+        if container is not None:
+            container.close()
+
+    def close(self) -> None:
+        for container in self._open.values():
+            container.close()
+        self._open.clear()
+
+
 def decode_segment(
     path: str | os.PathLike,
     start_s: float,
@@ -116,42 +162,52 @@ def decode_segment(
     size: int | None = None,
     margin_s: float = 1e-3,
     threads: int = 1,
+    videos: OpenVideos | None = None,
 ) -> DecodedSegment:
     """Decode every frame with start_s - margin_s <= t <= end_s + margin_s, in one seek and one forward pass.
 
     Seeks to the last keyframe at or before `start_s` (LeRobot's AV1 files have one every 2 frames) and decodes
     forward; frames are converted to RGB (and resized to size x size when `size` is given) by FFmpeg's swscale.
-    `threads` decoder threads (1 suits DataLoader workers, which already use the cores).
+    `threads` decoder threads (1 suits DataLoader workers, which already use the cores). With `videos`, the
+    file is taken from (and left open in) that pool instead of being opened and closed here.
     """
-    av = _av()
+    if videos is None:
+        with _av().open(str(path)) as container:
+            stream = container.streams.video[0]
+            stream.thread_count = threads
+            stream.thread_type = "AUTO" if threads > 1 else "SLICE"
+            return _decode(container, start_s, end_s, size, margin_s, always_seek=False)
+    try:
+        return _decode(videos.get(path), start_s, end_s, size, margin_s, always_seek=True)
+    except Exception:
+        videos.drop(path)  # a failed read leaves no half-used decoder behind
+        raise
+
+
+def _decode(container, start_s: float, end_s: float, size: int | None, margin_s: float, always_seek: bool):
+    stream = container.streams.video[0]
+    tb = stream.time_base
     frames: list[np.ndarray] = []
     times: list[float] = []
     reformat = _reformatter()
-    with av.open(str(path)) as container:
-        stream = container.streams.video[0]
-        stream.thread_count = threads
-        stream.thread_type = "AUTO" if threads > 1 else "SLICE"
-        tb = stream.time_base
-        if start_s > margin_s:
-            container.seek(
-                max(int((start_s - margin_s) / tb), 0), stream=stream, backward=True, any_frame=False
+    if always_seek or start_s > margin_s:  # seeking flushes the decoder, so a reused container starts clean
+        container.seek(max(int((start_s - margin_s) / tb), 0), stream=stream, backward=True, any_frame=False)
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            continue
+        t = float(frame.pts * tb)
+        if t < start_s - margin_s:
+            continue
+        if t > end_s + margin_s:
+            break
+        if size is None:
+            rgb = reformat.reformat(frame, format="rgb24", threads=1)
+        else:
+            rgb = reformat.reformat(
+                frame, format="rgb24", width=size, height=size, interpolation="BILINEAR", threads=1
             )
-        for frame in container.decode(stream):
-            if frame.pts is None:
-                continue
-            t = float(frame.pts * tb)
-            if t < start_s - margin_s:
-                continue
-            if t > end_s + margin_s:
-                break
-            if size is None:
-                rgb = reformat.reformat(frame, format="rgb24", threads=1)
-            else:
-                rgb = reformat.reformat(
-                    frame, format="rgb24", width=size, height=size, interpolation="BILINEAR", threads=1
-                )
-            frames.append(rgb.to_ndarray())
-            times.append(t)
+        frames.append(rgb.to_ndarray())
+        times.append(t)
     return DecodedSegment(np.asarray(times, np.float64), frames)
 
 
