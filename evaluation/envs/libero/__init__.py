@@ -34,12 +34,12 @@ the agent view only; `camera="agentview"` then skips rendering the wrist camera.
 
 from __future__ import annotations
 
-import atexit
 import os
 import subprocess
 import sys
 import tempfile
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,11 +243,20 @@ class LiberoEnv:
         self.task, self._suite, self.config = task, suite, config
         self.suite, self.task_id = _split_task(task)
         self.max_steps = config.max_steps or MAX_STEPS[self.suite]
-        self.instruction = suite.instruction(task)
+        self._instruction: str | None = None
         self.name: str | None = None
         self.init_state: int | None = None
+        self.reset_raw: dict[str, Any] | None = None
+        self.last_raw: dict[str, Any] | None = None
         self.steps = 0
         self._ready = False
+
+    @property
+    def instruction(self) -> str:
+        """LIBERO's language instruction of the task (asked of the simulator on first use)."""
+        if self._instruction is None:
+            self._instruction = self._suite.instruction(self.task)
+        return self._instruction
 
     def _make(self) -> None:
         reply = self._suite._sim().request(
@@ -277,7 +286,7 @@ class LiberoEnv:
         self._make()  # a no-op in the simulator when this task's environment is the current one
         reply = self._suite._sim().request({"cmd": "reset", "seed": int(seed)})
         self.init_state, self.steps, self._ready = int(reply["init_state"]), 0, True
-        self.last_raw = reply.get("raw")
+        self.reset_raw = self.last_raw = reply.get("raw")  # the environment's own values (raw=True)
         return self._observation(reply)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict[str, Any]]:
@@ -307,6 +316,16 @@ class LiberoEnv:
             info["raw"] = reply.get("raw")
         done = success or self.steps >= self.max_steps
         return self._observation(reply), float(reply["reward"]), success, done, info
+
+    def episode_fields(self) -> dict[str, Any]:
+        """What identifies the current episode beyond task and seed (for its record): the suite, LIBERO's task
+        index and name, and the initial-state index."""
+        return {
+            "suite": self.suite,
+            "task_id": self.task_id,
+            "task_name": self.name,
+            "init_state": self.init_state,
+        }
 
     def close(self) -> None:
         self._ready = False
@@ -345,7 +364,8 @@ class LiberoSuite:
                 self._backend = _Inline()
             else:
                 self._backend = _Worker(libero_python(self.config.python))
-                atexit.register(self._backend.close)
+            # the worker ends with the suite (or at exit), whoever drops the last reference
+            self._finalizer = weakref.finalize(self, self._backend.close)
         return self._backend
 
     @property
@@ -406,7 +426,7 @@ class LiberoSuite:
     def close(self) -> None:
         """Stop the simulator (a worker process exits)."""
         if self._backend is not None:
-            self._backend.close()
+            self._finalizer()
             self._backend = None
 
 
