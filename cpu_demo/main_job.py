@@ -26,6 +26,14 @@ skipped when already complete, so an interrupted run continues where it stopped:
    pairs like Hand3D answers, next to the answers' scores (perception vs reading); and the answers' NLL on
    test rows with the 3D branch as trained, with V_spa zeroed and with alpha = 0 (does the fusion matter?).
 
+10. `robot/demos/`: Meta-World demonstrations of the scripted experts (`evaluation.demos`, LeRobot v3) for a few
+   tasks; failed expert episodes dropped and counted.
+11. `runs/stage3/`: stage 3 (`training.stage3`: LLM + action head + fusion on the demonstrations) from the stage-2
+   checkpoint `vipa/`: the closed-loop policy.
+12. `robot/eval/`: closed-loop Meta-World evaluation (`evaluation.rollout`) on seeds the demonstrations never
+   used, next to the scripted expert (ceiling) and a random policy (floor); success table, per-episode records,
+   MP4 videos (the Space's "Robot rollouts" tab plays them); `vipa-eval` gives the same numbers for the same seeds.
+
 A fair comparison: the single-encoder model and VIPA-VLA share the same backbone and the same Hand3D-visual
 training steps; VIPA-VLA then trains only its fusion layer (stage 1), never the backbone.
 """
@@ -71,6 +79,16 @@ class MainJobConfig:
     fusion_qk_position: str = "none"  # VipaFusionConfig.qk_position of the composed VIPA-VLA ("none": paper)
     probe_train_clips: int = 300  # train clips the phase-9 probe (evaluation.probe3d) fits on; 0: phase 9 off
     ablation_rows: int = 200  # test rows (evenly spaced) of phase 9's 3D-branch ablation of the answers
+    robot_tasks: str = (
+        "drawer-open-v3,button-press-topdown-v3,window-open-v3"  # phases 10-12's tasks; "": off
+    )
+    robot_demo_episodes: int = 20  # expert attempts per task (seeds 0..N-1; failures dropped)
+    robot_image_size: int = 64  # Meta-World camera side, px, of demonstrations and evaluation
+    robot_max_steps: int = 150  # episode cap of demonstrations and evaluation (the experts need 40-110 steps)
+    robot_stage3_steps: int = 300  # stage-3 optimiser steps (cpu-tiny recipe, global batch 8)
+    robot_eval_episodes: int = 10  # closed-loop episodes per task and policy
+    robot_eval_seed: int = 1000  # seed of evaluation episode 0 (checked disjoint from the demos' seeds)
+    robot_workers: int = 2  # environment processes of the closed-loop evaluation
     quick: bool = False  # the test-sized run
     standins: dict = field(default_factory=dict)  # StandinConfig overrides
 
@@ -83,6 +101,14 @@ class MainJobConfig:
             raise ValueError(f"MainJobConfig.fusion_qk_position: {e}") from e
         if self.ablation_rows < 1:
             raise ValueError(f"MainJobConfig.ablation_rows: must be >= 1, got {self.ablation_rows}")
+        for name in ("robot_demo_episodes", "robot_image_size", "robot_max_steps", "robot_stage3_steps", "robot_eval_episodes", "robot_workers"):  # fmt: skip
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"MainJobConfig.{name}: must be an int >= 1, got {getattr(self, name)!r}")
+        if self.robot_eval_seed < self.robot_demo_episodes:  # demonstrations use seeds 0..episodes-1
+            raise ValueError(
+                f"MainJobConfig.robot_eval_seed: {self.robot_eval_seed} overlaps the demonstration seeds "
+                f"0..{self.robot_demo_episodes - 1}"
+            )
         if self.probe_train_clips < 0:
             raise ValueError(
                 f"MainJobConfig.probe_train_clips: must be >= 0 (0: off), got {self.probe_train_clips}"
@@ -94,6 +120,8 @@ class MainJobConfig:
         return cls(
             out=out, num_clips=8, image_size=64, frames=3, num_workers=1, cut3r_clips=3, stage1_steps=2,
             stage2_steps=2, eval_limit=4, eval_batch_size=4, eval_max_new_tokens=6, probe_train_clips=7, ablation_rows=4, quick=True,
+            robot_tasks="reach-v3", robot_demo_episodes=1, robot_image_size=32, robot_max_steps=60,
+            robot_stage3_steps=2, robot_eval_episodes=1, robot_workers=1,
         )  # fmt: skip
 
 
@@ -403,6 +431,59 @@ def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, table: dict, ou
     return result
 
 
+def _record_robot_demos(cfg: MainJobConfig, out: Path) -> dict:
+    """Phase 10: the scripted experts' Meta-World episodes as a LeRobot v3 dataset (images in the parquet: at
+    64 px PNG reads back faster than AV1 decoding, and stage 3 reads every frame many times)."""
+    from evaluation.demos import DemoConfig, record_demos
+
+    return record_demos(
+        DemoConfig(
+            out=str(out), env="metaworld", tasks=cfg.robot_tasks, episodes=cfg.robot_demo_episodes, seed=0,
+            image_size=cfg.robot_image_size, max_steps=cfg.robot_max_steps, use_videos=False,
+        )
+    )  # fmt: skip
+
+
+def _robot_stage3(cfg: MainJobConfig, stage2_dir: Path, demos: Path, out: Path) -> dict:
+    """Phase 11: stage 3 from the stage-2 checkpoint on the demonstrations (resumes from its checkpoints)."""
+    from training.stage3 import latest_checkpoint, train_stage3
+
+    resume = latest_checkpoint(out) is not None
+    result = train_stage3(
+        stage2_dir, demos, out, recipe="cpu-tiny", resume=resume, max_steps=cfg.robot_stage3_steps
+    )
+    if not result.finished:
+        raise RuntimeError(f"stage 3 stopped at step {result.steps} of {cfg.robot_stage3_steps}")
+    return json.loads((out / TRAINING_MARKER).read_text())
+
+
+def _robot_eval_config(cfg: MainJobConfig, out: Path) -> Any:
+    from evaluation.rollout import RolloutConfig
+
+    return RolloutConfig(
+        out=str(out), env="metaworld", tasks=cfg.robot_tasks, episodes=cfg.robot_eval_episodes,
+        seed=cfg.robot_eval_seed, max_steps=cfg.robot_max_steps, image_size=cfg.robot_image_size,
+        num_workers=cfg.robot_workers, videos_per_task=1 if cfg.quick else 2, episode_timeout_s=600.0,
+    )  # fmt: skip
+
+
+def _robot_eval(cfg: MainJobConfig, policy_dir: Path, demos: Path, out: Path) -> dict:
+    """Phase 12: VIPA-VLA (stage 3), the scripted expert and a random policy on the same unseen seeds."""
+    from evaluation.demos import check_disjoint_seeds
+    from evaluation.rollout import PolicySpec, evaluate_policies
+
+    rcfg = _robot_eval_config(cfg, out)
+    tasks = [t.strip() for t in cfg.robot_tasks.split(",")]
+    check_disjoint_seeds(demos, tasks, rcfg.seeds())  # evaluation scenes were never demonstrations
+    specs = [
+        PolicySpec("vipa", path=str(policy_dir), name="VIPA-VLA (stages 1-3)"),
+        PolicySpec("expert"),
+        PolicySpec("random"),
+    ]
+    result = evaluate_policies(specs, rcfg)
+    return json.loads((out / "results.json").read_text()) | {"plot": result["plot"]}
+
+
 def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_")[:40]
 
@@ -511,9 +592,29 @@ def run_main_job(cfg: MainJobConfig) -> dict:
             if todo:
                 _probe(cfg, data, stage1, table, out / "eval")
         probe = json.loads(probe_path.read_text())
+    robot = None
+    if cfg.robot_tasks:
+        demos, stage3, robot_eval = out / "robot" / "demos", out / "runs" / "stage3", out / "robot" / "eval"
+        (out / "robot").mkdir(exist_ok=True)
+        with phases.run("10 Meta-World expert demonstrations (LeRobot v3)", demos.is_dir()) as todo:
+            if todo:
+                shutil.rmtree(demos.with_name("demos.partial"), ignore_errors=True)
+                _record_robot_demos(cfg, demos)
+        with phases.run("11 stage 3 on the demonstrations (from the stage-2 checkpoint)", (stage3 / TRAINING_MARKER).is_file()) as todo:  # fmt: skip
+            if todo:
+                _robot_stage3(cfg, stage2, demos, stage3)
+        with phases.run("12 closed-loop Meta-World evaluation (unseen seeds)", (robot_eval / "results.json").is_file()) as todo:  # fmt: skip
+            if todo:
+                _robot_eval(cfg, stage3, demos, robot_eval)
+        robot = json.loads((robot_eval / "results.json").read_text())
+        robot["demos"] = json.loads((demos / "meta" / "vipa_demos.json").read_text())
+        robot["stage3"] = {
+            k: v for k, v in json.loads((stage3 / TRAINING_MARKER).read_text()).items() if k != "losses"
+        }
     results = {
         **table,
         "probe3d": probe,
+        "metaworld": robot,
         "phase_seconds": {k: v.get("seconds") for k, v in phases.times.items()},
         "this_run_seconds": round(time.time() - t_start, 1),
         "stand_ins": {
@@ -558,6 +659,16 @@ def run_main_job(cfg: MainJobConfig) -> dict:
             f"\nWhat the answers use: per-token NLL of VIPA-VLA-PT's {a['answer_tokens']} answer tokens on "
             f"{a['n_rows']} test rows: {nll}"
         )
+    if robot:
+        demos_meta = robot["demos"]
+        print(
+            f"\nMeta-World closed loop ({cfg.robot_eval_episodes} episodes per task on seeds {cfg.robot_eval_seed}+, "
+            f"never demonstrated; stage 3: {cfg.robot_stage3_steps} steps on {demos_meta['episodes']} expert "
+            f"episodes, {demos_meta['failed']} failed expert episodes dropped). Cells: successes/n, rate "
+            "[95 % Wilson CI]:\n"
+        )
+        print(robot["table"])
+        print(f"videos: {out / 'robot' / 'eval'}/*/videos; plot: {robot['plot']}")
     print(f"\nresults: {out / 'results.json'}; plots: {table['plots']}", flush=True)
     return results
 

@@ -27,6 +27,9 @@ PHASES = (
     "stage 2",
     "evaluate",
     "3D probe",
+    "Meta-World expert demonstrations",
+    "stage 3 on the demonstrations",
+    "closed-loop Meta-World evaluation",
 )
 
 
@@ -138,6 +141,36 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
     assert lines["vipa"][:2] == ["1024", "True"], lines  # stage 2 added the motion tokens
     # the single-encoder checkpoint really has its 3D branch off (V_f = V_sem) and no motion tokens; VIPA has it
     assert lines["single_encoder"] == ["0", "False", "False"] and lines["vipa"][2] == "True", lines
+
+    # phases 10-12: demonstrations, stage 3 from the stage-2 checkpoint, the closed-loop table next to expert and floor
+    robot = results["metaworld"]
+    assert (
+        robot["demos"]["tasks"]["reach-v3"]["seeds"] == [0] and robot["stage3"]["start"]["kind"] == "stage2"
+    )
+    policies = robot["policies"]
+    assert list(policies) == ["VIPA-VLA (stages 1-3)", "scripted expert", "random"], list(policies)
+    assert policies["scripted expert"]["overall"]["successes"] == 1  # reach-v3's expert, seed 1000
+    assert "Meta-World closed loop" in stdout and "scripted expert" in stdout
+    videos = sorted((out / "robot" / "eval").glob("*/videos/reach-v3/seed-001000.mp4"))
+    assert len(videos) == 3 and all(v.stat().st_size > 0 for v in videos)
+    # vipa-eval in a fresh process on the same checkpoint and seeds: the same episodes as the main job
+    cli = [sys.executable, "-m", "evaluation.cli", "--policy", str(out / "runs" / "stage3"), "--tasks", "reach-v3",
+           "--episodes", "1", "--seed", "1000", "--max-steps", "60", "--image-size", "32", "--no-references",
+           "--videos", "0", "--no-progress", "--out", str(tmp_path / "vipa_eval")]  # fmt: skip
+    ran = subprocess.run(cli, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    fresh = json.loads(
+        next((tmp_path / "vipa_eval").glob("*/episodes/reach-v3/seed-001000.json")).read_text()
+    )
+    job = json.loads(
+        (
+            out / "robot" / "eval" / "vipa_vla_stages_1_3" / "episodes" / "reach-v3" / "seed-001000.json"
+        ).read_text()
+    )
+    keys = ("seed", "steps", "success", "success_step", "error")
+    assert {k: fresh[k] for k in keys} == {k: job[k] for k in keys}
+    # torch's float sums differ in the last bits between thread counts: the rewards agree to 1e-6, not bit for bit
+    assert fresh["reward_sum"] == pytest.approx(job["reward_sum"], rel=1e-6)
 
     # resume: a second run skips every phase and prints the same table
     again = _run_job(out)
