@@ -52,7 +52,14 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from hand3d_dataset.calibration import ESTIMATES
-from hand3d_dataset.pipeline import ACTION_FEATURES, VISUAL_FEATURES, ClipResult, PipelineConfig, process_clip
+from hand3d_dataset.pipeline import (
+    ACTION_FEATURES,
+    OBJECT_SOURCES,
+    VISUAL_FEATURES,
+    ClipResult,
+    PipelineConfig,
+    process_clip,
+)
 from hand3d_dataset.stats import per_source_from_clips, reason_kind
 
 __all__ = [
@@ -97,6 +104,9 @@ class BuildConfig:
     object_position: str = (
         "centre"  # objects in rows: "centre" (estimated volumetric) or "surface" (visible face)
     )
+    # where object positions come from: "auto" (the dataset's pose where it has one, else estimated),
+    # "pose" (the dataset's poses only, no estimator/detector) or "estimate" (pipeline.OBJECT_SOURCES)
+    object_source: str = "auto"
     progress: bool = True  # show a progress bar
 
     def __post_init__(self) -> None:
@@ -110,6 +120,12 @@ class BuildConfig:
         _parse_model_spec("detector", self.detector)
         if self.object_position not in ESTIMATES:
             raise ValueError(f"object_position: expected one of {ESTIMATES}, got {self.object_position!r}")
+        if self.object_source not in OBJECT_SOURCES:
+            raise ValueError(f"object_source: expected one of {OBJECT_SOURCES}, got {self.object_source!r}")
+        if self.object_source == "pose" and self.object_position != "centre":
+            raise ValueError(
+                f"object_source: 'pose' gives object centres, not object_position {self.object_position!r}"
+            )
         if self.sources is not None:
             parse_sources(self.sources)
 
@@ -345,9 +361,33 @@ def _write_shard(out: Path, shard: int, results: list[ClipResult], test: dict[st
     return {"shard": shard, "clips": clips}
 
 
+LISTING_FAILED = "listing failed (sequence)"  # skip kind of a sequence a source could not list
+
+
+def _listing_skips(per_source: dict, listing: dict[str, dict[str, str]]) -> list[dict]:
+    """Adds the sequences each source failed to list (`adapter.skipped`: sequence → reason) to its
+    `per_source` entry (`sequences_skipped`, and `skip_reasons` under LISTING_FAILED); returns them as rows."""
+    rows = []
+    for name, reasons in sorted(listing.items()):
+        if not reasons:
+            continue
+        e = per_source["sources"][name]
+        e["sequences_skipped"] = len(reasons)
+        e["skip_reasons"] = dict(sorted((e["skip_reasons"] | {LISTING_FAILED: len(reasons)}).items()))
+        rows += [{"source": name, "sequence": k, "reason": v} for k, v in sorted(reasons.items())]
+    return rows
+
+
 def _report(
-    cfg: BuildConfig, markers: list[dict], elapsed: float, processed: int, requested: dict[str, int]
+    cfg: BuildConfig,
+    markers: list[dict],
+    elapsed: float,
+    processed: int,
+    requested: dict[str, int],
+    listing: dict[str, dict[str, str]] | None = None,
 ) -> dict:
+    """The run report. listing: source → {sequence: reason} of what failed while the source was listed
+    (no clip id exists for those; counted per source next to the clip skips)."""
     clips = [c for m in markers for c in m["clips"]]
     done = [c for c in clips if c["skipped"] is None]
     samples: dict = {c: {s: Counter() for s in SPLITS} for c in CONFIGS}
@@ -371,13 +411,19 @@ def _report(
         filtered.update(c["action_filtered"])
     skipped = [{"clip_id": c["clip_id"], "reason": c["skipped"]} for c in clips if c["skipped"] is not None]
     notes = Counter(reason_kind(n) for c in clips for n in c["notes"])
+    per_source = per_source_from_clips(clips, requested)
+    listed = _listing_skips(per_source, listing or {})
+    skip_reasons = Counter(reason_kind(s["reason"]) for s in skipped)
+    if listed:
+        skip_reasons[LISTING_FAILED] = len(listed)
     return {
         "config": asdict(cfg),
         "clips_requested": sum(requested.values()),
         "clips_done": len(done),
         "clips_skipped": len(skipped),
         "skipped": skipped,
-        "skip_reasons": dict(Counter(reason_kind(s["reason"]) for s in skipped)),
+        "skip_reasons": dict(skip_reasons),
+        "listing_skipped": listed,  # sequences a source could not list: {source, sequence, reason}
         "frame_drops": dict(notes),
         "splits": {s: sorted(c["clip_id"] for c in done if c["split"] == s) for s in SPLITS},
         "samples": {c: {s: dict(sorted(v.items())) for s, v in d.items()} for c, d in samples.items()},
@@ -395,7 +441,7 @@ def _report(
             "rel_error_max": float(rel.max()) if rel.size else None,
         },
         # per source and task type: clips, rows, skips by reason (hand3d_dataset.stats, paper Tables 1-2)
-        "per_source": per_source_from_clips(clips, requested),
+        "per_source": per_source,
         "this_run": {
             "clips_processed": processed,
             "elapsed_s": round(elapsed, 3),
@@ -435,7 +481,11 @@ def build(
         stale.unlink(missing_ok=True)
     pipeline = pipeline or PipelineConfig()
     # the build's own setting decides what an object's position is (it is part of the resume key)
-    pipeline = replace(pipeline, localization=replace(pipeline.localization, estimate=cfg.object_position))
+    pipeline = replace(
+        pipeline,
+        localization=replace(pipeline.localization, estimate=cfg.object_position),
+        object_source=cfg.object_source,
+    )
     specs = cfg.source_specs()
     if source is not None and not isinstance(source, dict):
         if len(specs) != 1:
@@ -490,7 +540,8 @@ def build(
             pool.terminate()
             pool.join()
     markers = [json.loads(marker(k).read_text()) for k in range(len(shards))]
-    report = _report(cfg, markers, time.perf_counter() - t0, len(work), requested)
+    listing = {s.name: dict(getattr(adapters[s.name], "skipped", None) or {}) for s in specs}
+    report = _report(cfg, markers, time.perf_counter() - t0, len(work), requested, listing)
     _atomic_json(out / "report.json", report)
 
     from hand3d_dataset.publish import write_card

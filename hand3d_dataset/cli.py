@@ -41,6 +41,7 @@ def _build(args: argparse.Namespace) -> int:
         source_root=None if args.source_root is None else str(args.source_root),
         sources=args.sources,
         object_position=args.object_position,
+        object_source=args.object_source,
         num_clips=args.num_clips,
         out=str(args.out),
         num_workers=args.num_workers,
@@ -178,6 +179,14 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["centre", "surface"],
         help="object positions in the rows: the estimated volumetric centre, or the visible-surface "
         "centre (default: centre)",
+    )
+    p.add_argument(
+        "--object-source",
+        default="auto",
+        choices=["auto", "pose", "estimate"],
+        help="where object positions come from: the dataset's object poses where it has them, else the "
+        "estimator and detector (auto, the default); the poses only, without estimator or detector (pose); "
+        "or always the estimator and detector (estimate)",
     )
     p.add_argument("--num-clips", type=int, default=100, help="number of clips (default: 100)")
     p.add_argument("--out", type=Path, default=Path("hand3d"), help="output folder (default: ./hand3d)")

@@ -28,6 +28,18 @@ Steps, per clip:
    visible-surface centre), with the hands' pixels (drawn from the joints, `hand_mask`) removed;
 7. samples: Hand3D-visual (`samples_visual`) and Hand3D-action (`samples_action`), turned into rows.
 
+Object positions from the dataset (`PipelineConfig.object_source`): where a source gives an object's pose
+(`ObjectTrack.position3d`: DexYCB, H2O, FPHA, ARCTIC, OakInk2, TACO, HOI4D, HOT3D and synth do), its
+centre moved into each frame's camera by the clip's R, t is exact, so "auto" (the default) takes it and
+runs steps 3-6 only for the (frame, object) pairs without one; "pose" uses the dataset's poses alone
+(objects without one get no position, and no estimator or detector runs), "estimate" ignores them (the
+paper's pipeline, and the way to measure it against the poses). A posed centre counts on a frame only
+when it is in front of the camera and projects inside the image (`objects_from_poses`). A pose gives the
+centre, not the visible surface: with `localization.estimate="surface"`, "auto" estimates every object.
+In "auto" the estimator still runs on clips with images (the clip's calibrated scale is reported); when
+every position comes from a pose, the detector is not called, and an estimator that cannot run on the
+clip (e.g. `gt-depth` on a dataset without depth) or a failed calibration is a note, not a skip.
+
 Nothing in a clip raises past `process_clip` for bad data: a clip that cannot be annotated comes
 back with `skipped` set to the reason, and frame-level drops (a blank frame, an object without a
 usable box) are listed in `notes`, so the run report can say what was left out and why.
@@ -60,7 +72,9 @@ from hand3d_dataset.samples_visual import VisualSampleConfig, build_visual_sampl
 from processing_vipa.motion_tokenizer import MotionTokenizer
 
 __all__ = [
+    "OBJECT_SOURCES",
     "PipelineConfig",
+    "objects_from_poses",
     "ClipAnnotation",
     "ClipResult",
     "annotate_clip",
@@ -76,6 +90,9 @@ __all__ = [
     "VISUAL_FEATURES",
     "ACTION_FEATURES",
 ]
+
+
+OBJECT_SOURCES = ("auto", "pose", "estimate")  # PipelineConfig.object_source
 
 
 @dataclass(frozen=True)
@@ -102,6 +119,9 @@ class PipelineConfig:
     action: ActionSampleConfig = field(default_factory=ActionSampleConfig)  # Hand3D-action builders
     # object 3D from boxes; its `estimate` picks the centre (default) or the visible surface
     localization: LocalizationConfig = field(default_factory=LocalizationConfig)
+    # where object positions come from: "auto" (the dataset's pose where it has one, else estimated),
+    # "pose" (poses only) or "estimate" (detector boxes + calibrated cloud only); see the module docstring
+    object_source: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_visible_joints <= 21:
@@ -120,6 +140,13 @@ class PipelineConfig:
             raise ValueError(f"inlier_tol_m: expected a finite value >= 0, got {self.inlier_tol_m}")
         if not 0 <= self.png_compress_level <= 9:
             raise ValueError(f"png_compress_level: expected 0..9, got {self.png_compress_level}")
+        if self.object_source not in OBJECT_SOURCES:
+            raise ValueError(f"object_source: expected one of {OBJECT_SOURCES}, got {self.object_source!r}")
+        if self.object_source == "pose" and self.localization.estimate != "centre":
+            raise ValueError(
+                f"object_source: 'pose' gives object centres, not localization.estimate="
+                f"{self.localization.estimate!r}; use object_source 'auto' or 'estimate'"
+            )
 
 
 def clip_seed(seed: int, clip_id: str) -> int:
@@ -216,6 +243,20 @@ def _skin_points(joints_cam: np.ndarray, offset_m: np.ndarray) -> np.ndarray:
     return joints_cam * np.clip(1.0 - offset_m[:, None] / np.maximum(dist, 1e-9), 0.0, None)
 
 
+def objects_from_poses(clip: Clip) -> np.ndarray:
+    """(T, O, 3) camera-frame centres of the objects whose pose the source gives (`ObjectTrack.position3d`,
+    world, moved by each frame's R, t), in `clip.objects` order; NaN where there is none, or where the
+    centre is behind the camera or projects outside the image (the frame does not show the object)."""
+    out = np.full((clip.num_frames, len(clip.objects), 3), np.nan)
+    for o, obj in enumerate(clip.objects):
+        if obj.position3d is None:
+            continue
+        p = clip._to_cam(obj.position3d)  # (T, 3)
+        _, seen = visibility(np.where(np.isfinite(p), p, [0.0, 0.0, -1.0])[:, None], clip.K, clip.image_hw)
+        out[seen[:, 0], o] = p[seen[:, 0]]
+    return out
+
+
 def _frames_usable(clip: Clip, notes: list[str]) -> np.ndarray:
     """(T,) bool: a frame whose pixels are all one value is a dropped/unreadable frame."""
     if clip.frames is None:
@@ -234,12 +275,23 @@ def annotate_clip(
 
     estimator: `estimators.PointCloudEstimator` (clip → (T, H, W, 3) pointmaps, any consistent unit);
     detector: `estimators.ObjectDetector` (clip → (T, O, 4) boxes, NaN rows where not found).
+    Object positions follow `cfg.object_source` (module docstring); the estimator and the detector are
+    called only when some position on a used frame must be estimated.
     Returns (annotation, None, |Ω|) or (None, reason, |Ω|) when the clip cannot be annotated.
     """
     T = clip.num_frames
     hand_visible = {side: _hand_in_view(clip, side, cfg.min_visible_joints) for side in sorted(clip.hands)}
     names = [o.name for o in clip.objects]
     objects_cam = np.full((T, len(names), 3), np.nan)
+    poses_usable = cfg.object_source == "pose" or (
+        cfg.object_source == "auto" and cfg.localization.estimate == "centre"
+    )
+    if poses_usable:
+        objects_cam = objects_from_poses(clip)
+    # (T, O): positions the estimator and detector must give
+    to_estimate = np.zeros((T, len(names)), bool)
+    if cfg.object_source != "pose":
+        to_estimate = ~np.isfinite(objects_cam).all(axis=-1)
     target = target_object_of(clip)
     any_visible = np.any([v for v in hand_visible.values()], axis=0)
     if not clip.has_frames:  # trajectory-only clip: no images, so no cloud; action samples only
@@ -251,8 +303,17 @@ def annotate_clip(
     use = frame_ok & any_visible
     if not use.any():
         return None, "no frame with a hand in view (visibility filter)", 0
-
-    pointmaps = estimate_clip(estimator, clip)  # (T, H, W, 3), shape checked there
+    needed = bool(to_estimate[use].any())  # some position must come from the cloud
+    if cfg.object_source == "pose":  # the dataset's poses only: no cloud, no scale
+        return ClipAnnotation(clip, use, hand_visible, names, objects_cam, None, target), None, 0
+    try:
+        pointmaps = estimate_clip(estimator, clip)  # (T, H, W, 3), shape checked there
+    except ValueError as e:
+        if needed:
+            raise
+        # "auto" with every position from a pose: the cloud (only for the reported scale) is not needed
+        notes.append(f"cloud: not made ({e}); every object position comes from a pose")
+        return ClipAnnotation(clip, use, hand_visible, names, objects_cam, None, target), None, 0
     # joints of every hand in view on each used frame; others flagged invalid (calibrate_scale drops them)
     frames = np.flatnonzero(use)
     joints, valid = [], []
@@ -286,8 +347,18 @@ def annotate_clip(
             min_valid=cfg.min_valid_joints,
         )
         res = refined if refined.scale is not None else res
-    if res.scale is None:
+    if res.scale is None and needed:
         return None, f"scale calibration failed: {res.reason}", res.num_valid
+    if res.scale is None or not needed:
+        if res.scale is None:
+            notes.append(
+                f"cloud: scale calibration failed ({res.reason}); every object position comes from a pose"
+            )
+        return (
+            ClipAnnotation(clip, use, hand_visible, names, objects_cam, res.scale, target),
+            None,
+            res.num_valid,
+        )
     frame_ok = use
 
     boxes = detect_clip(detector, clip)  # (T, O, 4), shape checked there
@@ -303,7 +374,7 @@ def annotate_clip(
             cloud[hand_mask(hands_f, clip.K[f], clip.image_hw, cfg.hand_mask_radius_m)] = np.nan
         for o, name in enumerate(names):
             b = boxes[f, o]
-            if not np.isfinite(b).all():
+            if not to_estimate[f, o] or not np.isfinite(b).all():
                 continue  # not detected on this frame: nothing to say
             loc = localize_object(b, cloud, scale=res.scale, config=cfg.localization)
             if loc.xyz is None:

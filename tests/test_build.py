@@ -112,7 +112,10 @@ def test_interrupted_build_resumes_to_the_same_dataset(tmp_path):
 def test_corrupt_inputs_are_skipped_with_reasons(tmp_path):
     corrupt = {1: "unreadable", 2: "nan_joints", 3: "out_of_view", 4: "empty_box"}
     out = tmp_path / "hand3d"
-    report = _build(out, FakeSource(6, corrupt=corrupt), detector=EmptyBoxDetector())
+    # object_source "estimate": the detector's empty box must reach the pipeline (the fake objects have poses)
+    report = _build(
+        out, FakeSource(6, corrupt=corrupt), detector=EmptyBoxDetector(), object_source="estimate"
+    )
     reasons = {s["clip_id"]: s["reason"] for s in report["skipped"]}
     assert set(reasons) == {"fake-s0-0001", "fake-s0-0002", "fake-s0-0003"}
     assert "unreadable" in reasons["fake-s0-0001"]
@@ -311,3 +314,40 @@ def test_object_position_is_validated_and_part_of_the_resume_key(tmp_path):
     _build(out, FakeSource(2))
     with pytest.raises(ValueError, match="other settings"):
         _build(out, FakeSource(2), object_position="surface")
+
+
+def test_object_source_is_validated_and_part_of_the_resume_key(tmp_path):
+    with pytest.raises(ValueError, match="object_source: expected one of"):
+        BuildConfig(object_source="guess")
+    with pytest.raises(ValueError, match="object_source: 'pose' gives object centres"):
+        BuildConfig(object_source="pose", object_position="surface")
+    out = tmp_path / "hand3d"
+    _build(out, FakeSource(2))
+    assert json.loads((out / ".build" / "config.json").read_text())["object_source"] == "auto"
+    with pytest.raises(ValueError, match="other settings"):
+        _build(out, FakeSource(2), object_source="estimate")
+
+
+class _SourceWithListingSkips(FakeSource):
+    """A fake source that, like the real adapters, could not list some sequences (`skipped`)."""
+
+    def __init__(self, num_clips: int) -> None:
+        super().__init__(num_clips)
+        self.skipped = {
+            "subject1/seq7": "sequence subject1/seq7: missing /data/subject1/seq7/meta.yml",
+            "subject2/seq1": "sequence subject2/seq1: refusing to unpickle global 'os.system'",
+        }
+
+
+def test_sequences_skipped_at_listing_are_counted_in_the_report(tmp_path):
+    out = tmp_path / "hand3d"
+    report = _build(out, _SourceWithListingSkips(2))
+    assert report["clips_done"] == 2 and report["clips_skipped"] == 0  # the listed clips are unaffected
+    assert report["listing_skipped"] == [
+        {"source": "fake", "sequence": "subject1/seq7", "reason": "sequence subject1/seq7: missing /data/subject1/seq7/meta.yml"},
+        {"source": "fake", "sequence": "subject2/seq1", "reason": "sequence subject2/seq1: refusing to unpickle global 'os.system'"},
+    ]  # fmt: skip
+    assert report["skip_reasons"] == {"listing failed (sequence)": 2}
+    fake = report["per_source"]["sources"]["fake"]
+    assert fake["sequences_skipped"] == 2 and fake["skip_reasons"] == {"listing failed (sequence)": 2}
+    assert json.loads((out / "report.json").read_text())["listing_skipped"] == report["listing_skipped"]

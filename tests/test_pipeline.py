@@ -22,9 +22,9 @@ from hand3d_dataset.pipeline import (
 )
 from tests.hand3d_fake_source import HAND_SHAPE, EmptyBoxDetector, K, make_clip
 
-EXACT = PipelineConfig(
-    joint_depth_offset_scale=0.0, occlusion_radius_m=0.0
-)  # fake joints are drawn at their depth
+# fake joints are drawn at their depth; objects from the estimate path (the poses are tested apart)
+EXACT = PipelineConfig(joint_depth_offset_scale=0.0, occlusion_radius_m=0.0, object_source="estimate")
+ESTIMATE = PipelineConfig(object_source="estimate")
 
 
 def test_scale_and_object_positions_match_the_analytic_scene():
@@ -137,7 +137,7 @@ def test_synth_clip_scale_is_recovered_within_two_percent():
     src = get_source("synth", num_clips=2, seed=1, image_size=96, num_frames=4)
     est = GroundTruthDepthEstimator(seed=1)
     for cid in src.clip_ids():
-        r = process_clip(src.load_clip(cid), est, GroundTruthBoxDetector(), PipelineConfig(), seed=1)
+        r = process_clip(src.load_clip(cid), est, GroundTruthBoxDetector(), ESTIMATE, seed=1)
         assert r.skipped is None, r.skipped
         assert abs(r.scale / est.true_scale(cid) - 1) < 0.02
 
@@ -199,3 +199,125 @@ def test_real_hot3d_trajectories_give_text_only_action_samples():
             expected = wrist @ clip.R[s].T + clip.t[s]  # the real headset pose of the reference frame
             assert np.allclose(row["trajectory"], expected, atol=1e-9)
     assert n > 0
+
+
+class _Refuses:
+    """An estimator or detector that must not be called."""
+
+    def estimate_clip(self, clip):
+        raise AssertionError("estimator called")
+
+    def detect_clip(self, clip):
+        raise AssertionError("detector called")
+
+
+def _located(row, clip):
+    """The object point a spatial row states: the palm (mean of wrist and finger bases, camera frame of
+    the shown frame, computed here) plus or minus the row's vector."""
+    tgt = row["target"]
+    f = tgt["frame_indices"][-1]
+    side = tgt["hand"]
+    palm = clip.R[f] @ clip.hands[side].joints3d[f][[0, 5, 9, 13, 17]].mean(0) + clip.t[f]
+    v = np.array(tgt["vector_m"])
+    return f, palm + v if tgt["relation"] == "object_from_hand" else palm - v
+
+
+@pytest.mark.parametrize("object_source", ["pose", "auto"])
+def test_object_positions_come_from_the_poses_without_estimator_or_detector(object_source):
+    """Fake clips carry their analytic object centres as poses: rows state them exactly (to the rows'
+    6-decimal rounding) and the detector never runs; "pose" runs no estimator either (no scale), "auto"
+    still calibrates the cloud's scale."""
+    cfg = PipelineConfig(object_source=object_source)
+    est = _Refuses() if object_source == "pose" else GroundTruthDepthEstimator(seed=3)
+    checked = 0
+    for index in range(3):
+        clip = make_clip(index)
+        r = process_clip(clip, est, _Refuses(), cfg, seed=0)
+        assert r.skipped is None and (r.scale is None) == (object_source == "pose")
+        for row in r.rows_visual:
+            if row["task_type"] == "spatial_relationship":
+                f, located = _located(row, clip)
+                centre = clip.R[f] @ clip.object(row["target"]["object"]).position3d[f] + clip.t[f]
+                np.testing.assert_allclose(located, centre, atol=2e-6)
+                checked += 1
+    assert checked > 0
+
+
+def test_auto_estimates_only_where_a_pose_is_missing():
+    """One frame of the mug has no pose: only that position is estimated (near the analytic centre)."""
+    from hand3d_dataset.pipeline import annotate_clip
+
+    clip = make_clip(2)
+    o = [ob.name for ob in clip.objects].index("red mug")
+    pose = clip.objects[o].position3d.copy()
+    want = np.einsum("tij,tj->ti", clip.R, pose) + clip.t  # the analytic centre, camera frame
+    est = GroundTruthDepthEstimator(seed=3)
+    # "estimate" ignores the poses everywhere: the mug's estimated positions are not the pose's numbers
+    ann_e, _, _ = annotate_clip(clip, est, GroundTruthBoxDetector(), ESTIMATE, [])
+    seen = np.flatnonzero(np.isfinite(ann_e.objects_cam[:, o]).all(axis=1))
+    assert len(seen) >= 2 and not np.array_equal(ann_e.objects_cam[seen, o], want[seen])
+    k = int(seen[0])
+    clip.objects[o].position3d[k] = np.nan
+    ann, reason, _ = annotate_clip(clip, est, GroundTruthBoxDetector(), PipelineConfig(), [])
+    assert reason is None and ann.scale == pytest.approx(est.true_scale(clip.clip_id), rel=0.02)
+    others = [f for f in seen if f != k]
+    assert np.array_equal(ann.objects_cam[others, o], want[others])  # the pose, untouched
+    assert np.array_equal(ann.objects_cam[k, o], ann_e.objects_cam[k, o])  # the estimate, where no pose
+    assert np.linalg.norm(ann.objects_cam[k, o] - want[k]) < 0.03
+
+
+def test_a_posed_object_out_of_view_has_no_position():
+    """A pose behind the camera or outside the image says nothing about the frame: no position there."""
+    from hand3d_dataset.pipeline import objects_from_poses
+
+    clip = make_clip(0)
+    clip.objects[0].position3d[0] = clip.camera_centers()[0] - 0.3 * clip.R[0][2]  # 0.3 m behind
+    clip.objects[0].position3d[1] = np.linalg.inv(clip.R[1]) @ (np.array([5.0, 0.0, 1.0]) - clip.t[1])
+    got = objects_from_poses(clip)
+    assert np.isnan(got[:2, 0]).all() and np.isfinite(got[2:, 0]).all()
+    np.testing.assert_allclose(got[2, 0], clip.R[2] @ clip.objects[0].position3d[2] + clip.t[2])
+
+
+def test_synth_rows_state_the_rendered_object_centres():
+    """Synth renders each object at its pose: with the default "auto", spatial rows give those centres
+    (world → camera with the rendered R, t, computed here) to the rows' rounding."""
+    from hand3d_dataset.sources import get_source
+
+    src = get_source("synth", num_clips=2, seed=5, image_size=64, num_frames=4)
+    checked = 0
+    for cid in src.clip_ids():
+        clip = src.load_clip(cid)
+        r = process_clip(
+            clip, GroundTruthDepthEstimator(seed=5), GroundTruthBoxDetector(), PipelineConfig(), 5
+        )
+        for row in r.rows_visual:
+            if row["task_type"] == "spatial_relationship":
+                f, located = _located(row, clip)
+                centre = clip.R[f] @ clip.object(row["target"]["object"]).position3d[f] + clip.t[f]
+                np.testing.assert_allclose(located, centre, atol=2e-6)
+                checked += 1
+    assert checked > 0
+
+
+def test_auto_with_every_object_posed_survives_an_estimator_that_cannot_run():
+    """ "auto" on a clip whose objects all have poses: an estimator failing on the clip is a note, not a
+    skip ("estimate" needs it and skips the clip)."""
+
+    class NoDepth:
+        def estimate_clip(self, clip):
+            raise ValueError(f"clip: {clip.clip_id} has no depth")
+
+    r = process_clip(make_clip(0), NoDepth(), _Refuses(), PipelineConfig(), seed=0)
+    assert r.skipped is None and r.scale is None and r.rows_visual
+    assert any(n.startswith("cloud: not made") for n in r.notes)
+    r = process_clip(make_clip(0), NoDepth(), GroundTruthBoxDetector(), ESTIMATE, seed=0)
+    assert r.skipped.startswith("invalid data") and "has no depth" in r.skipped
+
+
+def test_object_source_validation():
+    with pytest.raises(ValueError, match="object_source: expected one of"):
+        PipelineConfig(object_source="guess")
+    from hand3d_dataset.calibration import LocalizationConfig
+
+    with pytest.raises(ValueError, match="object_source: 'pose' gives object centres"):
+        PipelineConfig(object_source="pose", localization=LocalizationConfig(estimate="surface"))

@@ -1,7 +1,5 @@
 """ARCTIC adapter on a fixture in ARCTIC's layout: joints vs the dataset's own 2D joints, conventions, bad input."""
 
-import json
-import os
 import pickle
 import shutil
 
@@ -9,16 +7,17 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.arctic import MANO_DIR_ENV, ArcticSource
+from hand3d_dataset.sources._common import MANO_DIR_ENV
+from hand3d_dataset.sources.arctic import ArcticSource
 from tests.source_fixtures import arctic as fx
+from tests.source_fixtures._common import MANO21_TO_OPENPOSE, Evil, clip_uv, row_count, run_build, smplx_hand
 
 CLIP_ID = f"arctic-{fx.SUBJECT}-{fx.SEQUENCE}-c000"
 BROKEN_ID = f"arctic-{fx.SUBJECT}-{fx.BROKEN}-c000"
 # ARCTIC's 21 joints are MANO's 16 (wrist; index, middle, pinky, ring, thumb × 3) then the tips (thumb, index,
-# middle, ring, pinky). OpenPose joint i is ARCTIC joint ARCTIC_TO_OPENPOSE[i] (written out from that order).
-ARCTIC_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
+# middle, ring, pinky): the MANO order
+ARCTIC_TO_OPENPOSE = MANO21_TO_OPENPOSE
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -32,12 +31,6 @@ def data(tmp_path_factory):
 @pytest.fixture(scope="module")
 def clip(data):
     return get_source("arctic", root=data["data"]).load_clip(CLIP_ID)
-
-
-def _uv(clip, side, k):
-    p = clip.R[k] @ clip.hands[side].joints3d[k].T + clip.t[k][:, None]
-    q = clip.K[k] @ p
-    return (q[:2] / q[2]).T
 
 
 def test_ids_sampling_and_frames(data, clip):
@@ -67,7 +60,7 @@ def test_joints_project_onto_arcticss_view0_2d_joints(data, clip):
         assert clip.hands[side].valid.all()
         for k, f in enumerate(clip.meta["frame_indices"]):
             want = data["j2d_view0"][side][f][ARCTIC_TO_OPENPOSE]
-            np.testing.assert_allclose(_uv(clip, side, k), want, atol=2e-3)
+            np.testing.assert_allclose(clip_uv(clip, side, k), want, atol=2e-3)
             assert np.all((want >= 0) & (want < fx.IMAGE_WH))  # the fixture's hands are in view
 
 
@@ -80,8 +73,8 @@ def test_conventions_world2ego_flat_hand_mean_units_and_object_centre(data, clip
     np.testing.assert_allclose(clip.camera_centers()[1], eye, atol=1e-5)
     # MANO posed with the mean pose added (flat_hand_mean=False): the flat-hand posing is far from the joints
     p = {k: v[[0, 30, 60]] for k, v in data["params"]["right"].items()}
-    flat, _ = fx.smplx_hand(data["mano_dir"] / "MANO_RIGHT.pkl", "right", p, flat_hand_mean=True)
-    mean, _ = fx.smplx_hand(data["mano_dir"] / "MANO_RIGHT.pkl", "right", p, flat_hand_mean=False)
+    flat, _ = smplx_hand(data["mano_dir"] / "MANO_RIGHT.pkl", "right", p, flat_hand_mean=True)
+    mean, _ = smplx_hand(data["mano_dir"] / "MANO_RIGHT.pkl", "right", p, flat_hand_mean=False)
     got = clip.hands["right"].joints3d
     np.testing.assert_allclose(got, mean[:, ARCTIC_TO_OPENPOSE], atol=1e-5)
     assert np.abs(got - flat[:, ARCTIC_TO_OPENPOSE]).max() > 5e-3
@@ -99,7 +92,7 @@ def test_without_mano_files_the_processed_joints_are_used(data, tmp_path, monkey
     assert clip.meta["joints_from"] == "processed_seqs" and clip.frames is None  # no images: trajectory-only
     for k, f in enumerate([0, 30, 60]):
         np.testing.assert_allclose(
-            _uv(clip, "left", k), data["j2d_view0"]["left"][f][ARCTIC_TO_OPENPOSE], atol=2e-3
+            clip_uv(clip, "left", k), data["j2d_view0"]["left"][f][ARCTIC_TO_OPENPOSE], atol=2e-3
         )
     (tmp_path / "a" / "arctic_data" / "data" / "processed_seqs" / fx.SUBJECT / f"{fx.SEQUENCE}.npy").unlink()
     with pytest.raises(ValueError, match="no MANO model files"):
@@ -136,14 +129,9 @@ def test_bad_input(data, tmp_path):
     assert ArcticSource(d, images="none").load_clip(CLIP_ID).frames is None
     # a tampered .npy (a pickle calling os.system) is refused, never run: the sequence is skipped by name
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
     with open(raw / f"{fx.BROKEN}.mano.npy", "wb") as fh:
         np.lib.format.write_array_header_1_0(fh, {"descr": "|O", "fortran_order": False, "shape": ()})
-        pickle.dump(Evil(), fh)
+        pickle.dump(Evil(marker), fh)
     src = ArcticSource(d)
     assert (
         BROKEN_ID not in src.clip_ids() and "refusing to unpickle global" in src.skipped[f"s01/{fx.BROKEN}"]
@@ -155,19 +143,35 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source arctic`: the sequence with images annotates, the broken one is a counted skip."""
     root = tmp_path / "a"
     shutil.copytree(data["data"].parent.parent, root, ignore=shutil.ignore_patterns("images"))
-    out = tmp_path / "out"
-    argv = [
-        "build",
-        "--source",
-        "arctic",
-        "--source-root",
-        str(root / "arctic_data" / "data"),
-        "--out",
-        str(out),
-    ]
-    assert hand3d_main([*argv, "--num-clips", "2", "--no-progress", "--test-fraction", "0"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = run_build("arctic", root / "arctic_data" / "data", tmp_path / "out", "--num-clips", "2")
     assert report["clips_done"] == 1 and report["clips_skipped"] == 1
     assert "egocam.dist.npy" in report["skipped"][0]["reason"]
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0
+
+
+def test_object_poses_give_spatial_rows_without_a_depth_model(data, tmp_path):
+    """ARCTIC has images but no depth. The estimate path needs a point cloud (`gt-depth` has nothing to read:
+    the clip is skipped); with the object's pose (`--object-source auto`, the default) the same clip gives
+    spatial rows, and they state the box's centre of the fixture, moved into the camera by the fixture's
+    own world → camera."""
+    import pyarrow.parquet as pq
+
+    args = ("--num-clips", "1")
+    estimate = run_build("arctic", data["data"], tmp_path / "e", *args, "--object-source", "estimate")
+    assert estimate["clips_done"] == 0 and "has no depth" in estimate["skipped"][0]["reason"]
+    report = run_build("arctic", data["data"], tmp_path / "a", *args)
+    assert report["clips_done"] == 1 and report["samples"]["visual"]["train"]["spatial_relationship"] > 0
+    clip = ArcticSource(data["data"]).load_clip(CLIP_ID)
+    rows = pq.read_table(tmp_path / "a" / "data" / "visual" / "train-00000.parquet").to_pylist()
+    spatial = [r for r in rows if r["task_type"] == "spatial_relationship"]
+    assert spatial
+    for row in spatial:
+        tgt = row["target"]
+        k = tgt["frame_indices"][-1]
+        f = clip.meta["frame_indices"][k]  # the fixture's frame
+        palm = clip.joints_cam(tgt["hand"])[k][[0, 5, 9, 13, 17]].mean(0)
+        centre = data["R"][f] @ data["object_centres"][f] + data["t"][f]
+        v = np.array(tgt["vector_m"])
+        np.testing.assert_allclose(
+            palm + v if tgt["relation"] == "object_from_hand" else palm - v, centre, atol=1e-5
+        )

@@ -1,17 +1,17 @@
 """DexYCB adapter on a fixture in the toolkit's layout: joints vs the dataset's own joint_2d, conventions, bad input."""
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 import yaml
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.clip import HAND_SEGMENT
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.dexycb import DexYcbSource, chunk_frame_indices
+from hand3d_dataset.sources._common import chunk_frame_indices
+from hand3d_dataset.sources.dexycb import DexYcbSource
 from tests.source_fixtures import dexycb as fx
+from tests.source_fixtures._common import clip_uv, pose_mano, row_count, run_build
 
 SEQ_ID = f"dexycb-{fx.SUBJECT}-{fx.SEQUENCE}"
 
@@ -60,9 +60,7 @@ def test_joints_project_onto_the_datasets_joint_2d(data, clips):
             label = np.load(root / fx.SUBJECT / fx.SEQUENCE / serial / f"labels_{f:06d}.npz")
             if not hand.valid[k]:
                 continue
-            p = clip.R[k] @ hand.joints3d[k].T + clip.t[k][:, None]  # (3, 21) camera frame
-            uv = (clip.K[k] @ p)[:2] / (clip.K[k] @ p)[2]
-            np.testing.assert_allclose(uv.T, label["joint_2d"][0], atol=1e-3)
+            np.testing.assert_allclose(clip_uv(clip, "right", k), label["joint_2d"][0], atol=1e-3)
             checked += 1
         assert checked == 2
 
@@ -112,17 +110,11 @@ def test_mano_params_follow_the_toolkit_convention(data):
     assert clip.meta["mano_joint_error_mm"] < 0.05
     hand = clip.hands["right"]
     k = 0
-    flat = fx.pose_mano(
+    flat = pose_mano(
         root / "mano",
         "right",
-        hand.mano["global_orient"][k : k + 1],
-        hand.mano["pose_pca"][k : k + 1],
-        hand.mano["betas"][k : k + 1],
-        hand.mano["transl"][k : k + 1],
-        use_pca=True,
-        num_pca_comps=45,
-        flat_hand_mean=True,
-        fingertips="manopth",
+        *(hand.mano[key][k : k + 1] for key in ("global_orient", "pose_pca", "betas", "transl")),
+        **(fx.TOOLKIT_MANO | {"flat_hand_mean": True}),
     )
     assert (
         np.linalg.norm(flat[0] - hand.joints3d[k], axis=-1).max() > 0.005
@@ -165,30 +157,17 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     root = tmp_path / "src"
     shutil.copytree(data[0] / "data", root)
     (root / fx.SUBJECT / fx.SEQUENCE / fx.SERIALS[1] / "color_000060.jpg").unlink()  # one bad clip
-    out = tmp_path / "out"
-    rc = hand3d_main(
-        [
-            "build",
-            "--source",
-            "dexycb",
-            "--source-root",
-            str(root),
-            "--out",
-            str(out),
-            "--num-clips",
-            "2",
-            "--estimator",
-            "gt-depth",
-            "--detector",
-            "gt-boxes",
-            "--no-progress",
-            "--test-fraction",
-            "0",
-        ]
+    report = run_build(
+        "dexycb",
+        root,
+        tmp_path / "out",
+        "--num-clips",
+        "2",
+        "--estimator",
+        "gt-depth",
+        "--detector",
+        "gt-boxes",
     )
-    assert rc == 0
-    report = json.loads((out / "report.json").read_text())
     assert report["clips_done"] == 1 and report["clips_skipped"] == 1
     assert "color_000060.jpg" in report["skipped"][0]["reason"]
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0

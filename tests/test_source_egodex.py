@@ -1,17 +1,21 @@
 """EgoDex adapter on a fixture in the README's layout: hand-computed ARKit projection, joint mapping, axes, bad input."""
 
-import json
 import shutil
 
 import h5py
 import numpy as np
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
 from hand3d_dataset.sources.egodex import EgoDexSource
 from tests.source_fixtures import egodex as fx
-from tests.source_fixtures.dexycb import save_tiny_depth_model, save_tiny_detector
+from tests.source_fixtures._common import (
+    clip_uv,
+    row_count,
+    run_build,
+    save_tiny_depth_model,
+    save_tiny_detector,
+)
 
 CLIP_ID = "egodex-part1-add_remove_lid-0-c000"
 
@@ -51,15 +55,8 @@ def test_joints_project_where_the_arkit_camera_puts_them(data, clip):
             if not hand.valid[k]:
                 continue
             want = fx.project_gl(data[1]["T_wc_gl"][f], data[1]["joints"][side][f])
-            p = clip.joints_cam(side)[k]
-            got = np.column_stack(
-                [
-                    clip.K[k, 0, 0] * p[:, 0] / p[:, 2] + clip.K[k, 0, 2],
-                    clip.K[k, 1, 1] * p[:, 1] / p[:, 2] + clip.K[k, 1, 2],
-                ]
-            )
-            np.testing.assert_allclose(got, want, atol=0.01)
-            assert (p[:, 2] > 0).all()  # in front of the OpenCV camera
+            np.testing.assert_allclose(clip_uv(clip, side, k), want, atol=0.01)
+            assert (clip.joints_cam(side)[k][:, 2] > 0).all()  # in front of the OpenCV camera
 
 
 def test_25_arkit_joints_map_to_openpose_without_the_metacarpals(data, clip):
@@ -99,7 +96,7 @@ def test_bad_input_is_named(data, tmp_path):
     ep = root / fx.PART / fx.TASK
     # truncated video: only 20 frames where the HDF5 has 31
     fx.write_mp4(ep / "0.mp4", data[1]["frames"][:20])
-    with pytest.raises(ValueError, match=r"0.mp4 ends early \(truncated\?\): frames \[30\]"):
+    with pytest.raises(ValueError, match=r"0.mp4 ends before frame 30 \(truncated video of 20 frames\)"):
         EgoDexSource(root).load_clip(CLIP_ID)
     (ep / "0.mp4").write_bytes((data[0] / "data" / fx.PART / fx.TASK / "0.mp4").read_bytes()[:5000])
     with pytest.raises(ValueError, match="0.mp4"):
@@ -135,26 +132,14 @@ def test_object_names_from_llm_objects(data, tmp_path):
 def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source egodex` (no depth): a tiny random DepthAnything and GroundingDINO."""
     depth, det = save_tiny_depth_model(tmp_path / "depth"), save_tiny_detector(tmp_path / "det")
-    out = tmp_path / "out"
-    rc = hand3d_main(
-        [
-            "build",
-            "--source",
-            "egodex",
-            "--source-root",
-            str(data[0] / "data"),
-            "--out",
-            str(out),
-            "--estimator",
-            f"depth-anything:{depth}",
-            "--detector",
-            f"grounding-dino:{det}",
-            "--no-progress",
-            "--test-fraction",
-            "0",
-        ]
+    report = run_build(
+        "egodex",
+        data[0] / "data",
+        tmp_path / "out",
+        "--estimator",
+        f"depth-anything:{depth}",
+        "--detector",
+        f"grounding-dino:{det}",
     )
-    assert rc == 0
-    report = json.loads((out / "report.json").read_text())
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    assert sum(sum(v.values()) for split in report["samples"].values() for v in split.values()) > 0
+    assert row_count(report) > 0

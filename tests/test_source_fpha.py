@@ -1,16 +1,14 @@
 """FPHA adapter on a fixture in the README's layout: projection by hand with the README's camera, joint order, depth."""
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
 from hand3d_dataset.sources.fpha import FphaSource
 from tests.source_fixtures import fpha as fx
-from tests.source_fixtures.dexycb import save_tiny_detector
+from tests.source_fixtures._common import clip_uv, row_count, run_build, save_tiny_detector
 
 CLIP_ID = "fpha-Subject_1-put_salt-1-c000"
 
@@ -46,9 +44,7 @@ def test_joints_project_where_the_readme_camera_puts_the_pose(data, clip):
     p = fx.EXTR_R @ (truth.T * 1000.0) + fx.EXTR_T_MM[:, None]  # mm, colour camera
     fxx, fyy, cx, cy = fx.COLOR
     want = np.column_stack([fxx * p[0] / p[2] + cx, fyy * p[1] / p[2] + cy])
-    q = clip.joints_cam("right")[0]
-    got = (clip.K[0] @ q.T)[:2] / q[:, 2]
-    np.testing.assert_allclose(got.T, want, atol=1e-3)
+    np.testing.assert_allclose(clip_uv(clip, "right", 0), want, atol=1e-3)
     np.testing.assert_allclose(clip.hands["right"].joints3d[0], truth, atol=1e-6)  # OpenPose order, metres
 
 
@@ -107,26 +103,7 @@ def test_bad_input_is_named(data, tmp_path):
 def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source fpha` with the reprojected sensor depth and a tiny random GroundingDINO."""
     det = save_tiny_detector(tmp_path / "det")
-    out = tmp_path / "out"
-    rc = hand3d_main(
-        [
-            "build",
-            "--source",
-            "fpha",
-            "--source-root",
-            str(data[0]),
-            "--out",
-            str(out),
-            "--estimator",
-            "gt-depth",
-            "--detector",
-            f"grounding-dino:{det}",
-            "--no-progress",
-            "--test-fraction",
-            "0",
-        ]
-    )
-    assert rc == 0
-    report = json.loads((out / "report.json").read_text())
+    args = ["--estimator", "gt-depth", "--detector", f"grounding-dino:{det}", "--object-source", "estimate"]
+    report = run_build("fpha", data[0], tmp_path / "out", *args)
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    assert sum(sum(v.values()) for split in report["samples"].values() for v in split.values()) > 0
+    assert row_count(report) > 0

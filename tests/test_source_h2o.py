@@ -1,16 +1,14 @@
 """H2O adapter on a fixture in the README's layout: world joints vs another camera's own 3D joints, conventions."""
 
-import json
 import shutil
 
 import numpy as np
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
 from hand3d_dataset.sources.h2o import H2oSource
 from tests.source_fixtures import h2o as fx
-from tests.source_fixtures.dexycb import save_tiny_detector
+from tests.source_fixtures._common import clip_uv, project_cam, row_count, run_build, save_tiny_detector
 
 CLIP_ID = "h2o-subject1-h1-0-cam4-c000"
 
@@ -65,17 +63,8 @@ def test_world_joints_land_on_the_other_cameras_own_joints(data, clip):
                 .reshape(2, 64)[0 if s == "left" else 1, 1:]
                 .reshape(21, 3)
             )
-            p = clip.joints_cam(s)[k]
-            uv = np.column_stack(
-                [
-                    clip.K[k, 0, 0] * p[:, 0] / p[:, 2] + clip.K[k, 0, 2],
-                    clip.K[k, 1, 1] * p[:, 1] / p[:, 2] + clip.K[k, 1, 2],
-                ]
-            )
-            want = np.column_stack(
-                [636.6593 * hp4[:, 0] / hp4[:, 2] + 635.2839, 636.2520 * hp4[:, 1] / hp4[:, 2] + 366.8740]
-            )
-            np.testing.assert_allclose(uv, want, atol=1e-6)
+            K4 = np.array([[636.6593, 0, 635.2839], [0, 636.2520, 366.8740], [0, 0, 1]])
+            np.testing.assert_allclose(clip_uv(clip, s, k), project_cam(K4, hp4), atol=1e-6)
 
 
 def test_cam_pose_is_camera_to_world(data, clip):
@@ -122,30 +111,10 @@ def test_bad_input_is_named(data, tmp_path):
 def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source h2o` with the sensor depth and a tiny random GroundingDINO: rows are built."""
     det = save_tiny_detector(tmp_path / "det")
-    out = tmp_path / "out"
-    rc = hand3d_main(
-        [
-            "build",
-            "--source",
-            "h2o",
-            "--source-root",
-            str(data[0] / "data"),
-            "--out",
-            str(out),
-            "--estimator",
-            "gt-depth",
-            "--detector",
-            f"grounding-dino:{det}",
-            "--no-progress",
-            "--test-fraction",
-            "0",
-        ]
-    )
-    assert rc == 0
-    report = json.loads((out / "report.json").read_text())
+    args = ["--estimator", "gt-depth", "--detector", f"grounding-dino:{det}", "--object-source", "estimate"]
+    report = run_build("h2o", data[0] / "data", tmp_path / "out", *args)
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0
 
 
 def test_pose_only_download_gives_trajectory_clips(data, tmp_path):

@@ -1,7 +1,5 @@
 """HaWoR-output adapter (the Taste-Rob path) on a fixture as HaWoR's demo writes it: projections, conventions, bad input."""
 
-import json
-import os
 import pickle
 import shutil
 
@@ -10,15 +8,13 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.arctic import MANO_DIR_ENV
+from hand3d_dataset.sources._common import MANO_DIR_ENV
 from hand3d_dataset.sources.hawor import HaworSource
 from tests.source_fixtures import hawor as fx
+from tests.source_fixtures._common import MANO21_TO_OPENPOSE, Evil, clip_uv, row_count, run_build, smplx_hand
 
 CLIP_ID = "hawor-kitchen-video_0-c000"
-# MANO's 16 joints + 5 tips (thumb, index, middle, ring, pinky) → OpenPose order, written out
-MANO21_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -52,10 +48,8 @@ def test_joints_project_where_the_hand_computed_projection_says(data, clip):
         for k, f in enumerate(clip.meta["frame_indices"]):
             if not clip.hands[side].valid[k]:
                 continue
-            p = clip.R[k] @ clip.hands[side].joints3d[k].T + clip.t[k][:, None]
-            uv = ((clip.K[k] @ p)[:2] / (clip.K[k] @ p)[2]).T
             want = data["uv_mano_order"][side][f][MANO21_TO_OPENPOSE]
-            np.testing.assert_allclose(uv, want, atol=1e-3)
+            np.testing.assert_allclose(clip_uv(clip, side, k), want, atol=1e-3)
             assert np.all((want >= 0) & (want < fx.IMAGE_HW[::-1]))
             checked += 1
     assert checked == 5  # the left hand is invalid on frame 30 (pred_valid = 0 on 20..39)
@@ -77,8 +71,6 @@ def test_conventions_slam_scale_quaternion_order_flips_and_left_shapedirs(data, 
         flipped = (clip.hands["right"].joints3d[k] @ Rx.T - cf) @ Rf
         np.testing.assert_allclose(flipped, clip.joints_cam("right")[k], atol=1e-9)
     # the left model's shapedirs x are negated (HaWoR's fix): without it the joints differ
-    from tests.source_fixtures.arctic import smplx_hand
-
     p = {
         k: np.asarray(v, float)[[0, 60]]
         for k, v in zip(
@@ -121,12 +113,7 @@ def test_bad_input(data, tmp_path, monkeypatch):
         HaworSource(root, images="none").load_clip(CLIP_ID)
     # a result file carrying code (joblib.dump of a callable) is refused by name, never run
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    joblib.dump([Evil()], folder / "world_space_res.pth")
+    joblib.dump([Evil(marker)], folder / "world_space_res.pth")
     src = HaworSource(root, mano_dir=data["root"] / "_DATA" / "data" / "mano")
     assert src.clip_ids() == [CLIP_ID]  # listed from the SLAM trajectory, the result is read per clip
     with pytest.raises(ValueError, match="refusing to unpickle global"):
@@ -146,10 +133,6 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source hawor` on HaWoR's output without frames: trajectory clips give action rows."""
     root = tmp_path / "h"
     shutil.copytree(data["root"], root, ignore=shutil.ignore_patterns("extracted_images"))
-    out = tmp_path / "out"
-    argv = ["build", "--source", "hawor", "--source-root", str(root), "--out", str(out), "--no-progress"]
-    assert hand3d_main([*argv, "--test-fraction", "0"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = run_build("hawor", root, tmp_path / "out")
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0

@@ -1,7 +1,5 @@
 """HOI4D adapter on a fixture in HOI4D's layout: joints vs the dataset's own kps2D, conventions, bad input."""
 
-import json
-import os
 import pickle
 import shutil
 
@@ -9,11 +7,11 @@ import av
 import numpy as np
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.arctic import MANO_DIR_ENV
+from hand3d_dataset.sources._common import MANO_DIR_ENV
 from hand3d_dataset.sources.hoi4d import Hoi4dSource, read_open3d_log, task_text
 from tests.source_fixtures import hoi4d as fx
+from tests.source_fixtures._common import Evil, clip_uv, row_count, run_build, write_video
 
 SEQ = "hoi4d-ZY20210800001-H1-C2-N19-S100-s02-T2"
 
@@ -29,11 +27,6 @@ def data(tmp_path_factory):
 def clips(data):
     src = get_source("hoi4d", root=data["root"])
     return [src.load_clip(f"{SEQ}-c{c:03d}") for c in range(2)]
-
-
-def _uv(clip, side, k):
-    p = clip.R[k] @ clip.hands[side].joints3d[k].T + clip.t[k][:, None]
-    return ((clip.K[k] @ p)[:2] / (clip.K[k] @ p)[2]).T
 
 
 def test_ids_sampling_frames_and_depth(data, clips):
@@ -62,7 +55,7 @@ def test_joints_project_onto_the_datasets_kps2D(data, clips):
         for side in ("right", "left"):
             for k, f in enumerate(clip.meta["frame_indices"]):
                 if clip.hands[side].valid[k]:
-                    np.testing.assert_allclose(_uv(clip, side, k), data["kps2d"][side][f], atol=1e-3)
+                    np.testing.assert_allclose(clip_uv(clip, side, k), data["kps2d"][side][f], atol=1e-3)
                     assert np.all(
                         (data["kps2d"][side][f] >= 0) & (data["kps2d"][side][f] < fx.IMAGE_HW[::-1])
                     )
@@ -104,7 +97,7 @@ def test_bad_input(data, tmp_path, monkeypatch):
     log.write_text("\n".join(lines[: 5 * 200]) + "\n")
     with pytest.raises(ValueError, match="output.log has 200 poses, need frame 285"):
         Hoi4dSource(root).load_clip(f"{SEQ}-c001")
-    fx.write_video(
+    write_video(
         root / "HOI4D_release" / fx.VID / "align_rgb" / "image.mp4",
         np.zeros((20, *fx.IMAGE_HW, 3), np.uint8),
         "libx264",
@@ -125,12 +118,7 @@ def test_bad_input(data, tmp_path, monkeypatch):
         Hoi4dSource(root, images="none").load_clip(f"{SEQ}-c000")
     # a hand pickle carrying code is refused by name, never run
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    (right / "0.pickle").write_bytes(pickle.dumps({"poseCoeff": Evil()}))
+    (right / "0.pickle").write_bytes(pickle.dumps({"poseCoeff": Evil(marker)}))
     with pytest.raises(ValueError, match="refusing to unpickle global"):
         Hoi4dSource(root, mano_dir=data["mano_dir"]).load_clip(f"{SEQ}-c000")
     assert not marker.exists()
@@ -142,10 +130,6 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source hoi4d` on the annotations (no videos): trajectory clips give action rows."""
     root = tmp_path / "h"
     shutil.copytree(data["root"], root, ignore=shutil.ignore_patterns("HOI4D_release"))
-    out = tmp_path / "out"
-    argv = ["build", "--source", "hoi4d", "--source-root", str(root), "--out", str(out), "--no-progress"]
-    assert hand3d_main([*argv, "--test-fraction", "0"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = run_build("hoi4d", root, tmp_path / "out")
     assert report["clips_done"] == 2 and report["clips_skipped"] == 0
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0

@@ -1,7 +1,6 @@
 """OakInk2 adapter on a fixture in the toolkit's layout: joints vs hand-computed projections, conventions, bad input."""
 
 import json
-import os
 import pickle
 import shutil
 
@@ -9,15 +8,13 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.arctic import CACHE_ENV, MANO_DIR_ENV
+from hand3d_dataset.sources._common import CACHE_ENV, MANO_DIR_ENV
 from hand3d_dataset.sources.oakink2 import OakInk2Source, quat_wxyz_to_axis_angle
 from tests.source_fixtures import oakink2 as fx
+from tests.source_fixtures._common import MANO21_TO_OPENPOSE, Evil, clip_uv, row_count, run_build
 
 CLIP_ID = f"oakink2-{fx.TOKEN}-c000"
-# MANO's 16 joints + 5 tips (thumb, index, middle, ring, pinky) → OpenPose order, written out
-MANO21_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -83,10 +80,8 @@ def test_joints_project_where_the_hand_computed_projection_says(data, clip):
     for side in ("left", "right"):
         assert clip.hands[side].valid.all()
         for k, i in enumerate(clip.meta["frame_indices"]):
-            p = clip.R[k] @ clip.hands[side].joints3d[k].T + clip.t[k][:, None]
-            uv = ((clip.K[k] @ p)[:2] / (clip.K[k] @ p)[2]).T
             want = data["uv_mano_order"][side][i][MANO21_TO_OPENPOSE]
-            np.testing.assert_allclose(uv, want, atol=1e-3)
+            np.testing.assert_allclose(clip_uv(clip, side, k), want, atol=1e-3)
             assert np.all((want >= 0) & (want < fx.IMAGE_HW[::-1]))
 
 
@@ -144,12 +139,7 @@ def test_bad_input(data, tmp_path):
     assert src.clip_ids() == [] and "lacks ['raw_mano']" in src.skipped[fx.TOKEN]
     # a pickle carrying code is refused by name and never runs
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    pkl.write_bytes(pickle.dumps({"cam_def": Evil()}))
+    pkl.write_bytes(pickle.dumps({"cam_def": Evil(marker)}))
     assert "refusing to unpickle global" in OakInk2Source(root).skipped[fx.TOKEN] and not marker.exists()
     with pytest.raises(ValueError, match="no anno_preview/"):
         OakInk2Source(tmp_path)
@@ -158,10 +148,6 @@ def test_bad_input(data, tmp_path):
 def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source oakink2` on the annotation-only download: trajectory clips give action rows."""
     root = _copy(data, tmp_path / "o", images=False)
-    out = tmp_path / "out"
-    argv = ["build", "--source", "oakink2", "--source-root", str(root), "--out", str(out), "--no-progress"]
-    assert hand3d_main([*argv, "--test-fraction", "0"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = run_build("oakink2", root, tmp_path / "out")
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0

@@ -1,7 +1,5 @@
 """TACO adapter on a fixture in TACO's layout: joints vs hand-computed projections, conventions, bad input."""
 
-import json
-import os
 import pickle
 import shutil
 
@@ -10,15 +8,22 @@ import numpy as np
 import pytest
 import torch
 
-from hand3d_dataset.cli import main as hand3d_main
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources.arctic import MANO_DIR_ENV
+from hand3d_dataset.sources._common import MANO_DIR_ENV
 from hand3d_dataset.sources.taco import TacoSource, parse_triplet
 from tests.source_fixtures import taco as fx
+from tests.source_fixtures._common import (
+    MANO21_TO_OPENPOSE,
+    Evil,
+    clip_uv,
+    noise_image,
+    row_count,
+    run_build,
+    save_tiny_detector,
+    write_video,
+)
 
 CLIP_ID = f"taco-stir_spoon_bowl-{fx.SEQ}-c000"
-# MANO's 16 joints + 5 tips (thumb, index, middle, ring, pinky) → OpenPose order, written out
-MANO21_TO_OPENPOSE = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:DeprecationWarning")
 
@@ -61,9 +66,8 @@ def test_joints_project_where_the_hand_computed_projection_says(data, clip):
     for side in ("left", "right"):
         assert clip.hands[side].valid.all()
         for k, i in enumerate(clip.meta["frame_indices"]):
-            p = clip.R[k] @ clip.hands[side].joints3d[k].T + clip.t[k][:, None]
-            uv = ((clip.K[k] @ p)[:2] / (clip.K[k] @ p)[2]).T
-            np.testing.assert_allclose(uv, data["uv_mano_order"][side][i][MANO21_TO_OPENPOSE], atol=1e-3)
+            want = data["uv_mano_order"][side][i][MANO21_TO_OPENPOSE]
+            np.testing.assert_allclose(clip_uv(clip, side, k), want, atol=1e-3)
 
 
 def test_conventions_wrist_at_trans_extrinsics_and_object_units(data, clip):
@@ -101,7 +105,7 @@ def test_bad_input(data, tmp_path):
     assert clip.hands["left"].valid.tolist() == [True, False, True] and clip.hands["right"].valid.all()
     # a video that lost frames (40 of 61): the loader's skip, with the file named
     rgb = root / "Egocentric_RGB_Videos" / fx.TRIPLET / fx.SEQ / "color.mp4"
-    fx.write_video(rgb, np.stack([fx.noise_image(*fx.IMAGE_HW, k) for k in range(40)]), "libx264")
+    write_video(rgb, np.stack([noise_image(*fx.IMAGE_HW, k) for k in range(40)]), "libx264")
     with pytest.raises(ValueError, match="color.mp4 has 40 frames for 61 poses"):
         TacoSource(root).load_clip(CLIP_ID)
     rgb.write_bytes(b"not a video")
@@ -114,12 +118,7 @@ def test_bad_input(data, tmp_path):
     # a triplet folder that is not "(action, tool, target)" and a pickle carrying code: counted skips
     shutil.copytree(hands, root / "Hand_Poses" / "stir spoon bowl" / fx.SEQ)
     marker = tmp_path / "pwned"
-
-    class Evil:
-        def __reduce__(self):
-            return (os.system, (f"touch {marker}",))
-
-    (hands / "right_hand.pkl").write_bytes(pickle.dumps({"00000": Evil()}))
+    (hands / "right_hand.pkl").write_bytes(pickle.dumps({"00000": Evil(marker)}))
     src = TacoSource(root, images="none")
     assert src.clip_ids() == [CLIP_ID]  # listed from the extrinsics' header, without unpickling
     (root / "Egocentric_Camera_Parameters" / fx.TRIPLET / fx.SEQ / "egocentric_intrinsic.txt").write_text(
@@ -137,44 +136,16 @@ def test_hand3d_build_on_the_fixture(data, tmp_path):
     """`hand3d build --source taco` on the pose-only download: trajectory clips give action rows."""
     root = tmp_path / "t"
     shutil.copytree(data["root"], root, ignore=shutil.ignore_patterns("Egocentric_*_Videos"))
-    out = tmp_path / "out"
-    argv = ["build", "--source", "taco", "--source-root", str(root), "--out", str(out), "--no-progress"]
-    assert hand3d_main([*argv, "--test-fraction", "0"]) == 0
-    report = json.loads((out / "report.json").read_text())
+    report = run_build("taco", root, tmp_path / "out")
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    rows = sum(sum(v.values()) for split in report["samples"].values() for v in split.values())
-    assert rows > 0
+    assert row_count(report) > 0
 
 
 def test_hand3d_build_with_frames_and_depth_gives_visual_rows(data, tmp_path):
     """With the videos: TACO's own egocentric depth calibrates the clouds (`--estimator gt-depth`) and a tiny
     random GroundingDINO stands in for the detector; the clip yields visual rows as well as action rows."""
-    from tests.test_estimators import tiny_grounding_dino
-
-    model, processor = tiny_grounding_dino(tmp_path)
-    model.save_pretrained(tmp_path / "gd")
-    processor.save_pretrained(tmp_path / "gd")
-    out = tmp_path / "out"
-    argv = [
-        "build",
-        "--source",
-        "taco",
-        "--source-root",
-        str(data["root"]),
-        "--out",
-        str(out),
-        "--no-progress",
-    ]
-    argv += [
-        "--test-fraction",
-        "0",
-        "--estimator",
-        "gt-depth",
-        "--detector",
-        f"grounding-dino:{tmp_path / 'gd'}",
-    ]
-    assert hand3d_main(argv) == 0
-    report = json.loads((out / "report.json").read_text())
+    det = save_tiny_detector(tmp_path / "gd")
+    args = ["--estimator", "gt-depth", "--detector", f"grounding-dino:{det}", "--object-source", "estimate"]
+    report = run_build("taco", data["root"], tmp_path / "out", *args)
     assert report["clips_done"] == 1 and report["clips_skipped"] == 0
-    assert sum(report["samples"]["visual"]["train"].values()) > 0
-    assert sum(report["samples"]["action"]["train"].values()) > 0
+    assert row_count(report, "visual") > 0 and row_count(report, "action") > 0

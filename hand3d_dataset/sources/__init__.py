@@ -15,6 +15,9 @@ The protocol (the one place it is written down):
   Independent of the order of calls and of other clips (workers call it in any order); the same id
   gives identical arrays. A clip that cannot be built (unreadable file, corrupt values) raises
   `ValueError` naming the clip and the reason; the runner records it as skipped and carries on.
+- `skipped: dict[str, str]` (optional) — sequences that failed while the source was listed (sequence →
+  reason; they yield no clip id); `hand3d build` counts them in report.json per source
+  (`listing_skipped`). The real-dataset adapters share `sources._common.ChunkedSource`.
 
 Adapters are looked up by name with `get_source(name, **kwargs)`; kwargs go to the adapter's
 constructor. Modules are imported lazily so that optional dependencies (MuJoCo for `synth`) are only

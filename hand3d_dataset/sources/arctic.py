@@ -41,43 +41,37 @@ Conventions and why:
   is there, else the object origin; articulation of the top part is ignored (the centre of the whole
   object moves little with it). Task: "grab the box" / "use the box" (ARCTIC's two actions: "use"
   articulates the object).
-- Frames: 30 fps (ARCTIC's capture rate), sampled at `sample_fps` in `chunk_s` chunks with DexYCB's
-  `chunk_frame_indices`. `images="auto"` reads the egocentric images when the sequence's `images/.../0`
+- Frames: 30 fps (ARCTIC's capture rate), sampled at `sample_fps` in `chunk_s` chunks
+  (`_common.chunk_frame_indices`). `images="auto"` reads the egocentric images when the sequence's `images/.../0`
   folder exists and otherwise yields trajectory-only clips (frames None; the images are ~1 TB and many
   users only download `raw_seqs`); "required" makes a missing folder an error; "none" never reads them.
 
 Bad input: a missing or unreadable file, mismatched frame counts, or non-finite cameras raise ValueError
 naming the file (the build records the clip as skipped). A frame whose MANO parameters are not finite is
 an invalid frame of that hand (NaN), counted in `meta["nonfinite_mano_frames"]`.
-
-Helpers shared with the other MANO-based adapters (OakInk2, TACO, HOI4D, HaWoR): `load_npy`, `npy_length`,
-`cached_count`, `find_mano_dir`, `ManoPoser`, `obj_vertices`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_rgb, sampled_fps
+from hand3d_dataset.sources._common import (
+    MANO_DIR_ENV,
+    ChunkedSource,
+    ManoPoser,
+    find_mano_dir,
+    load_npy,
+    masked,
+    model_box_centre,
+    read_rgb,
+)
 
-__all__ = [
-    "ArcticSource",
-    "ManoPoser",
-    "cached_count",
-    "find_mano_dir",
-    "load_npy",
-    "npy_length",
-    "obj_vertices",
-    "FPS",
-]
+__all__ = ["ArcticSource", "FPS"]
 
 FPS = 30.0  # ARCTIC's image rate
 EGO_IMAGE_HW = (2000, 2800)  # egocentric image size (processing.py's fixed ego box) when misc.json lacks it
@@ -88,200 +82,13 @@ OBJECT_NAMES = {
     "waffleiron": "waffle iron",
     "ketchup": "ketchup bottle",
 }
-MANO_DIR_ENV = "HAND3D_MANO_DIR"  # environment variable naming a folder with MANO_LEFT/RIGHT files
 
 
-# ------------------------------------------------------------------------------------------------------
-# Shared helpers of the MANO-based adapters
-# ------------------------------------------------------------------------------------------------------
-
-
-def load_npy(path: Path, what: str) -> Any:
-    """An `.npy` file; pickled object arrays (dicts saved with np.save) via `safe_pickle`, never `pickle`.
-
-    Returns the array, or the object for a 0-d object array (what `np.load(...).item()` gives).
-    """
-    if not path.exists():
-        raise ValueError(f"{what}: missing {path}")
-    try:
-        with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                _, _, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                _, _, dtype = np.lib.format.read_array_header_2_0(fh)
-            if not dtype.hasobject:
-                fh.seek(0)
-                arr = np.load(fh, allow_pickle=False)
-                return arr
-            obj = safe_pickle.loads(fh.read(), str(path))
-    except ValueError as e:
-        if "refusing" in str(e):
-            raise
-        raise ValueError(f"{what}: {path} is not a readable .npy file ({e})") from e
-    if isinstance(obj, np.ndarray) and obj.dtype == object and obj.shape == ():
-        return obj.item()
-    return obj
-
-
-def find_mano_dir(mano_dir: str | Path | None, candidates: list[Path]) -> Path | None:
-    """The folder with MANO_LEFT/RIGHT files: `mano_dir`, else $HAND3D_MANO_DIR, else the first candidate
-    holding a MANO file."""
-    if mano_dir is not None:
-        p = Path(mano_dir)
-        if not p.is_dir():
-            raise ValueError(f"mano_dir: {p} is not a folder")
-        return p
-    for p in ([Path(os.environ[MANO_DIR_ENV])] if os.environ.get(MANO_DIR_ENV) else []) + candidates:
-        if any((p / f"MANO_{s}.{e}").exists() for s in ("RIGHT", "LEFT") for e in ("pkl", "npz")):
-            return p
-    return None
-
-
-class ManoPoser:
-    """21 OpenPose joints from MANO parameters in one dataset's convention (layers cached per side).
-
-    Args:
-        mano_dir: folder with MANO_RIGHT / MANO_LEFT (.npz or .pkl).
-        use_pca, num_pca_comps, flat_hand_mean, fingertips: as `hand3d_dataset.mano.ManoLayer`.
-        flip_left_shapedirs: negate the left model's `shapedirs[:, 0, :]` unconditionally, as HaWoR's
-            `run_mano_left(fix_shapedirs=True)` does (smplx issue 48).
-        extra_dirs: further folders searched for a side's file (HaWoR keeps MANO_LEFT elsewhere).
-    """
-
-    def __init__(
-        self,
-        mano_dir: Path,
-        use_pca: bool = False,
-        num_pca_comps: int = 45,
-        flat_hand_mean: bool = False,
-        fingertips: str = "smplx",
-        flip_left_shapedirs: bool = False,
-        extra_dirs: tuple[Path, ...] = (),
-    ) -> None:
-        self.mano_dir = Path(mano_dir)
-        self.kwargs = dict(
-            use_pca=use_pca, num_pca_comps=num_pca_comps, flat_hand_mean=flat_hand_mean, fingertips=fingertips
-        )
-        self.flip_left_shapedirs, self.extra_dirs = (
-            bool(flip_left_shapedirs),
-            tuple(Path(d) for d in extra_dirs),
-        )
-        self._layers: dict[str, Any] = {}
-
-    def layer(self, side: str):
-        if side not in self._layers:
-            from dataclasses import replace
-
-            from hand3d_dataset.mano import ManoLayer, load_mano_model
-
-            files = [
-                d / f"MANO_{side.upper()}.{ext}"
-                for d in (self.mano_dir, *self.extra_dirs)
-                for ext in ("npz", "pkl")
-            ]
-            found = [f for f in files if f.exists()]
-            if not found:
-                raise ValueError(f"mano_dir: none of {[str(f) for f in files]} exists")
-            model = load_mano_model(found[0], side=side)
-            if side == "left" and self.flip_left_shapedirs:
-                shapedirs = np.array(model.shapedirs)
-                shapedirs[:, 0, :] *= -1
-                shapedirs.setflags(write=False)
-                model = replace(model, shapedirs=shapedirs)
-            self._layers[side] = ManoLayer(model, **self.kwargs).double()
-        return self._layers[side]
-
-    def joints(
-        self,
-        side: str,
-        global_orient: np.ndarray,
-        hand_pose: np.ndarray,
-        betas: np.ndarray,
-        transl: np.ndarray | None = None,
-    ) -> np.ndarray:
-        """(N, 21, 3) joints, metres: global_orient (N, 3), hand_pose (N, P), betas (N, 10), transl (N, 3).
-
-        Rows with any non-finite input come back NaN (they are not posed).
-        """
-        import torch
-
-        n = len(global_orient)
-        parts = [global_orient, hand_pose, betas] + ([] if transl is None else [transl])
-        ok = np.all([np.isfinite(np.asarray(p, float).reshape(n, -1)).all(axis=1) for p in parts], axis=0)
-        out = np.full((n, 21, 3), np.nan)
-        if ok.any():
-            t = [torch.as_tensor(np.asarray(p, np.float64)[ok]) for p in parts]
-            with torch.no_grad():
-                out[ok] = self.layer(side).forward_joints(*t).numpy()
-        return out
-
-
-CACHE_ENV = "HAND3D_CACHE"  # folder for small indexes (default ~/.cache/hand3d)
-
-
-def cached_count(path: Path, count: Any) -> int:
-    """`count(path)` remembered per (file, size, mtime) in `$HAND3D_CACHE/frame_counts.json`.
-
-    Listing a dataset needs each sequence's frame count, and some formats only give it by unpickling a
-    large file (OakInk2's annotations: tens of seconds each); the count is kept so the next listing is
-    instant. The index is rewritten atomically; an unreadable index is ignored.
-    """
-    st = path.stat()
-    key = f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}"
-    index_path = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "hand3d") / "frame_counts.json"
-    try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
-    if key in index:
-        return int(index[key])
-    n = int(count(path))
-    index[key] = n
-    try:
-        index_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = index_path.with_name(f"{index_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(index))
-        os.replace(tmp, index_path)
-    except OSError:
-        pass  # a read-only cache only costs time
-    return n
-
-
-def npy_length(path: Path) -> int:
-    """First dimension of an `.npy` array, from its header (the data is not read)."""
-    with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = (
-            np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        )
-        shape, _, _ = read(fh)
-    if not shape:
-        raise ValueError(f"{path}: a 0-d array has no length")
-    return int(shape[0])
-
-
-def obj_vertices(path: Path) -> np.ndarray:
-    """(V, 3) vertex positions of a Wavefront .obj file (the `v` lines), in the file's unit."""
-    verts = []
-    with open(path) as fh:
-        for line in fh:
-            if line.startswith("v "):
-                verts.append([float(x) for x in line.split()[1:4]])
-    if not verts:
-        raise ValueError(f"{path}: no vertices ('v x y z' lines)")
-    return np.asarray(verts)
-
-
-# ------------------------------------------------------------------------------------------------------
-# ARCTIC
-# ------------------------------------------------------------------------------------------------------
-
-
-class ArcticSource:
+class ArcticSource(ChunkedSource):
     """`SourceAdapter` over an ARCTIC `arctic_data/data` root; ids `arctic-<sid>-<seq>-c<chunk>`."""
 
     name = "arctic"
+    FPS = FPS
 
     def __init__(
         self,
@@ -291,6 +98,7 @@ class ArcticSource:
         chunk_s: float = 10.0,  # chunk length in seconds (the paper's ~10 s chunks)
         images: str = "auto",  # "auto" | "required" | "none": read the egocentric images (see module doc)
     ) -> None:
+        super().__init__(sample_fps, chunk_s, images)
         self.root = Path(root)
         if (
             not (self.root / "raw_seqs").is_dir()
@@ -301,16 +109,9 @@ class ArcticSource:
             raise ValueError(
                 f"root: {self.root} has no raw_seqs/ folder; point it at ARCTIC's arctic_data/data"
             )
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
-        if images not in ("auto", "required", "none"):
-            raise ValueError(f"images: expected 'auto', 'required' or 'none', got {images!r}")
-        self.sample_fps, self.chunk_s, self.images = float(sample_fps), float(chunk_s), images
         found = find_mano_dir(mano_dir, [self.root.parent.parent / "body_models" / "mano"])
         self.poser = None if found is None else ManoPoser(found, use_pca=False, flat_hand_mean=False)
         self._misc: dict | None = None
-        self._clips: dict[str, tuple[str, str, np.ndarray]] = {}
-        self.skipped: dict[str, str] = {}  # sequence → why it yields no clip
         for mano_p in sorted(self.root.glob("raw_seqs/*/*.mano.npy")):
             sid, seq = mano_p.parent.name, mano_p.name[: -len(".mano.npy")]
             try:  # only the MANO file here: the others are read (and their errors reported) per clip
@@ -318,11 +119,7 @@ class ArcticSource:
             except (ValueError, KeyError, TypeError) as e:
                 self.skipped[f"{sid}/{seq}"] = str(e)
                 continue
-            for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"arctic-{sid}-{seq}-c{c:03d}"] = (sid, seq, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add(f"arctic-{sid}-{seq}", n, sid, seq)
 
     def misc(self) -> dict:
         if self._misc is None:
@@ -343,9 +140,7 @@ class ArcticSource:
         return mano, ego, np.asarray(obj, float)
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        sid, seq, idx = self._clips[clip_id]
+        sid, seq, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         base = self.root / "raw_seqs" / sid / seq
         mano, ego, obj = self._raw(sid, seq, what)
@@ -373,11 +168,7 @@ class ArcticSource:
 
         obj_name = seq.split("_")[0]
         name = OBJECT_NAMES.get(obj_name, obj_name)
-        centre = np.zeros(3)
-        mesh = self.root / "meta" / "object_vtemplates" / obj_name / "mesh.obj"
-        if mesh.exists():
-            v = obj_vertices(mesh) / 1000.0
-            centre = (v.min(axis=0) + v.max(axis=0)) / 2
+        centre = model_box_centre(self.root / "meta" / "object_vtemplates" / obj_name / "mesh.obj", 1e-3)
         o = obj[idx]
         if not np.isfinite(o).all():
             raise ValueError(f"{what}: {base}.object.npy has non-finite values on the sampled frames")
@@ -391,7 +182,7 @@ class ArcticSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=R_all[idx],
             t=t_all[idx],
@@ -428,12 +219,7 @@ class ArcticSource:
             & np.isfinite(trans).all(1)
             & np.isfinite(shape).all(1)
         )
-        params = {
-            "global_orient": np.where(ok[:, None], rot, np.nan),
-            "hand_pose": np.where(ok[:, None], pose, np.nan),
-            "transl": np.where(ok[:, None], trans, np.nan),
-            "betas": np.where(ok[:, None], shape, np.nan),
-        }
+        params = masked(ok, global_orient=rot, hand_pose=pose, transl=trans, betas=shape)
         if self.poser is not None:
             joints = self.poser.joints(side, rot, pose, shape, trans)
         else:
@@ -465,7 +251,7 @@ class ArcticSource:
         self, sid: str, seq: str, idx: np.ndarray, image_hw, misc: dict, what: str
     ) -> np.ndarray | None:
         folder = self.root / "images" / sid / seq / "0"
-        if self.images == "none" or (self.images == "auto" and not folder.is_dir()):
+        if not self._use_images(folder.is_dir()):
             return None
         if not folder.is_dir():
             raise ValueError(f"{what}: missing egocentric image folder {folder}")

@@ -37,8 +37,8 @@ Conventions and why:
   segmentation id in `Clip.segmentation` is the YCB class id (1..21); hand pixels (255) become
   `HAND_SEGMENT[side]`. The task is "pick up the <grasped object>".
 - Frames: 30 fps; sampled at `sample_fps` (1 fps, the paper's rate) in chunks of `chunk_s` seconds
-  (`chunk_frame_indices`, shared by the other image-folder adapters). DexYCB sequences are ~2-3 s, so a
-  sequence is one chunk of 3 frames at the defaults.
+  (`_common.chunk_frame_indices`). DexYCB sequences are ~2-3 s, so a sequence is one chunk of 3 frames at
+  the defaults.
 
 Bad input: a missing label/colour/depth file or a NaN in a label raises ValueError naming the file (the
 build records the clip as skipped); `meta.yml` without the documented keys names the missing key.
@@ -49,12 +49,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import PIL.Image
 import yaml
 
 from hand3d_dataset.clip import HAND_SEGMENT, Clip, HandTrack, ObjectTrack
+from hand3d_dataset.sources._common import ChunkedSource, ManoPoser, masked, read_depth_mm, read_rgb
 
-__all__ = ["DexYcbSource", "chunk_frame_indices", "read_rgb", "read_depth_mm", "YCB_CLASSES", "FPS"]
+__all__ = ["DexYcbSource", "YCB_CLASSES", "FPS"]
 
 FPS = 30.0  # DexYCB's capture rate (RealSense D415 at 30 Hz)
 IMAGE_HW = (480, 640)
@@ -86,60 +86,6 @@ _META_KEYS = ("serials", "num_frames", "ycb_ids", "ycb_grasp_ind", "mano_sides",
 _HAND_LABEL = 255  # DexYCB's segmentation value of hand pixels
 
 
-def chunk_frame_indices(
-    num_frames: int, fps: float, sample_fps: float = 1.0, chunk_s: float = 10.0, min_frames: int = 2
-) -> list[np.ndarray]:
-    """Frame indices of each chunk: every round(fps / sample_fps)-th frame, grouped by `chunk_s` seconds.
-
-    Returns a list of int arrays (one per chunk, consecutive, non-overlapping); a trailing chunk with fewer
-    than `min_frames` sampled frames is dropped (too short for a motion), so a sequence shorter than that
-    yields no chunk. The sampled frames' rate is ``fps / step``.
-
-        >>> [c.tolist() for c in chunk_frame_indices(75, 30.0, sample_fps=1.0, chunk_s=2.0)]
-        [[0, 30]]
-    """
-    if num_frames < 0 or not (fps > 0 and sample_fps > 0 and chunk_s > 0) or min_frames < 1:
-        raise ValueError(
-            f"chunk_frame_indices: need num_frames ≥ 0, fps, sample_fps, chunk_s > 0 and min_frames ≥ 1; got "
-            f"{num_frames}, {fps}, {sample_fps}, {chunk_s}, {min_frames}"
-        )
-    step = max(1, round(fps / sample_fps))
-    per_chunk = max(1, round(chunk_s * fps / step))
-    sampled = np.arange(0, num_frames, step)
-    chunks = [sampled[i : i + per_chunk] for i in range(0, len(sampled), per_chunk)]
-    return [c for c in chunks if len(c) >= min_frames]
-
-
-def sampled_fps(fps: float, sample_fps: float) -> float:
-    """Rate of the frames `chunk_frame_indices` keeps."""
-    return fps / max(1, round(fps / sample_fps))
-
-
-def read_rgb(path: Path, what: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB of an image file; ValueError naming the file when absent or unreadable."""
-    if not path.exists():
-        raise ValueError(f"{what}: missing {path}")
-    try:
-        with PIL.Image.open(path) as im:
-            return np.asarray(im.convert("RGB"))
-    except OSError as e:
-        raise ValueError(f"{what}: cannot decode {path}: {e}") from e
-
-
-def read_depth_mm(path: Path, what: str) -> np.ndarray:
-    """(H, W) float32 metres from a uint16 millimetre PNG, NaN where the sensor gave 0."""
-    if not path.exists():
-        raise ValueError(f"{what}: missing {path}")
-    try:
-        with PIL.Image.open(path) as im:
-            d = np.asarray(im).astype(np.float32)
-    except OSError as e:
-        raise ValueError(f"{what}: cannot decode {path}: {e}") from e
-    if d.ndim != 2:
-        raise ValueError(f"{what}: {path} is not a single-channel 16-bit depth image (shape {d.shape})")
-    return np.where(d > 0, d / 1000.0, np.nan).astype(np.float32)
-
-
 def object_name(ycb_id: int) -> str:
     """Natural name of a YCB class id: 6 → "mustard bottle"."""
     if ycb_id not in YCB_CLASSES:
@@ -156,10 +102,11 @@ def _load_yaml(path: Path, what: str) -> dict:
     return data
 
 
-class DexYcbSource:
+class DexYcbSource(ChunkedSource):
     """`SourceAdapter` over a DexYCB root; ids `dexycb-<subject>-<sequence>-<serial>-c<chunk>`."""
 
     name = "dexycb"
+    FPS = FPS
 
     def __init__(
         self,
@@ -170,17 +117,20 @@ class DexYcbSource:
         mano_dir: str | Path | None = None,  # MANO_LEFT/RIGHT files: re-pose pose_m and report the error
         load_depth: bool = True,  # read the aligned depth (lets `--estimator gt-depth` calibrate on it)
     ) -> None:
+        super().__init__(sample_fps, chunk_s)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root: {self.root} is not a folder")
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
         self.serials = None if serials is None else [str(s) for s in serials]
-        self.sample_fps, self.chunk_s, self.load_depth = float(sample_fps), float(chunk_s), bool(load_depth)
-        self.mano_dir = None if mano_dir is None else Path(mano_dir)
-        self._layers: dict[str, object] = {}
-        self._clips: dict[str, tuple[Path, str, np.ndarray]] = {}
-        self.skipped: dict[str, str] = {}  # sequence folder → why it yields no clip (unreadable meta.yml)
+        self.load_depth = bool(load_depth)
+        # dex-ycb-toolkit's MANOLayer: manopth ManoLayer(use_pca=True, ncomps=45, flat_hand_mean=False)
+        self.poser = (
+            None
+            if mano_dir is None
+            else ManoPoser(
+                mano_dir, use_pca=True, num_pca_comps=45, flat_hand_mean=False, fingertips="manopth"
+            )
+        )
         for meta_path in sorted(self.root.glob("*/*/meta.yml")):
             seq = meta_path.parent
             try:
@@ -188,16 +138,10 @@ class DexYcbSource:
             except ValueError as e:
                 self.skipped[str(seq)] = str(e)
                 continue
-            chunks = chunk_frame_indices(meta["num_frames"], FPS, self.sample_fps, self.chunk_s)
             for serial in meta["serials"]:
-                if self.serials is not None and str(serial) not in self.serials:
-                    continue
-                for c, idx in enumerate(chunks):
-                    cid = f"dexycb-{seq.parent.name}-{seq.name}-{serial}-c{c:03d}"
-                    self._clips[cid] = (seq, str(serial), idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+                if self.serials is None or str(serial) in self.serials:
+                    base = f"dexycb-{seq.parent.name}-{seq.name}-{serial}"
+                    self._add(base, meta["num_frames"], seq, str(serial))
 
     def _meta(self, seq: Path) -> dict:
         meta = _load_yaml(seq / "meta.yml", f"sequence {seq.name}")
@@ -223,29 +167,8 @@ class DexYcbSource:
         except (KeyError, TypeError) as e:
             raise ValueError(f"clip {clip_id}: intrinsics of {serial} lack color.fx/fy/ppx/ppy ({e})") from e
 
-    def _mano_layer(self, side: str):
-        if side not in self._layers:
-            from hand3d_dataset.mano import ManoLayer
-
-            files = [self.mano_dir / f"MANO_{side.upper()}.{ext}" for ext in ("npz", "pkl")]
-            found = [f for f in files if f.exists()]
-            if not found:
-                raise ValueError(f"mano_dir: none of {[str(f) for f in files]} exists")
-            # dex-ycb-toolkit's MANOLayer: manopth ManoLayer(use_pca=True, ncomps=45, flat_hand_mean=False)
-            self._layers[side] = ManoLayer(
-                found[0],
-                use_pca=True,
-                num_pca_comps=45,
-                flat_hand_mean=False,
-                fingertips="manopth",
-                side=side,
-            ).double()
-        return self._layers[side]
-
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        seq, serial, idx = self._clips[clip_id]
+        seq, serial, idx = self._entry(clip_id)
         meta = self._meta(seq)
         side = meta["mano_sides"][0]
         K = self._K(serial, clip_id)
@@ -282,20 +205,19 @@ class DexYcbSource:
             if np.any(pm != 0) and not np.all(j3 == -1):  # the toolkit's "hand present" test on pose_m
                 joints[k], pose_m[k] = j3, pm
         valid = np.isfinite(joints).all(axis=(1, 2))
-        mano = {
-            "global_orient": np.where(valid[:, None], pose_m[:, :3], np.nan),
-            "pose_pca": np.where(valid[:, None], pose_m[:, 3:48], np.nan),
-            "transl": np.where(valid[:, None], pose_m[:, 48:], np.nan),
-            "betas": np.tile(betas, (n, 1)),
-        }
+        mano = masked(valid, global_orient=pose_m[:, :3], pose_pca=pose_m[:, 3:48], transl=pose_m[:, 48:])
+        mano["betas"] = np.tile(betas, (n, 1))
         meta_out = {
             "sequence": f"{seq.parent.name}/{seq.name}",
             "serial": serial,
             "frame_indices": idx.tolist(),
             "source_fps": FPS,
         }
-        if self.mano_dir is not None and valid.any():
-            meta_out["mano_joint_error_mm"] = self._mano_error(side, pose_m[valid], betas, joints[valid])
+        if self.poser is not None and valid.any():
+            p = pose_m[valid]
+            meta_out["mano_joint_error_mm"] = self.poser.max_error_mm(
+                side, joints[valid], p[:, :3], p[:, 3:48], np.tile(betas, (len(p), 1)), p[:, 48:]
+            )
         names = [object_name(i) for i in ycb_ids]
         objects = [
             ObjectTrack(name, position3d=obj_pos[:, o], segment_id=ycb_ids[o]) for o, name in enumerate(names)
@@ -306,7 +228,7 @@ class DexYcbSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=np.tile(np.eye(3), (n, 1, 1)),
             t=np.zeros((n, 3)),
@@ -338,15 +260,3 @@ class DexYcbSource:
             if key != "seg" and not np.isfinite(label[key]).all():
                 raise ValueError(f"{what}: {path} has non-finite values in {key}")
         return label
-
-    def _mano_error(self, side: str, pose_m: np.ndarray, betas: np.ndarray, joints: np.ndarray) -> float:
-        """Largest distance (mm) between MANO joints posed from pose_m and DexYCB's joint_3d."""
-        import torch
-
-        layer = self._mano_layer(side)
-        p = torch.from_numpy(pose_m)
-        with torch.no_grad():
-            posed = layer.forward_joints(
-                p[:, :3], p[:, 3:48], torch.from_numpy(np.tile(betas, (len(p), 1))), p[:, 48:]
-            ).numpy()
-        return float(np.linalg.norm(posed - joints, axis=-1).max() * 1000.0)

@@ -39,7 +39,7 @@ Conventions and why:
   one (no positions), otherwise the clip has no objects. The task is the chosen LLM description, or the
   task folder name ("add_remove_lid" → "add remove lid").
 - Frames: decoded from the MP4 with PyAV at the sampled indices (`sample_fps`, 1 fps) in `chunk_s` (10 s)
-  chunks (`dexycb.chunk_frame_indices`); the episode length is the HDF5's frame count. No depth: build
+  chunks (`_common.chunk_frame_indices`); the episode length is the HDF5's frame count. No depth: build
   with a point-cloud estimator (`--estimator cut3r:… | depth-anything:…`).
 
 Bad input: a missing MP4 or HDF5 dataset, a non-finite transform, or a video with fewer frames than
@@ -54,9 +54,10 @@ from pathlib import Path
 import numpy as np
 
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, sampled_fps
+from hand3d_dataset.extras import require
+from hand3d_dataset.sources._common import ChunkedSource, invert_poses, read_video_frames
 
-__all__ = ["EgoDexSource", "EGODEX_K", "OPENPOSE_JOINTS", "ARKIT_TO_OPENCV", "decode_frames"]
+__all__ = ["EgoDexSource", "EGODEX_K", "OPENPOSE_JOINTS", "ARKIT_TO_OPENCV"]
 
 FPS = 30.0
 IMAGE_HW = (1080, 1920)
@@ -80,50 +81,11 @@ OPENPOSE_JOINTS: tuple[str, ...] = (
 )
 
 
-def _h5py():
-    try:
-        import h5py
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the egodex source reads HDF5 files: pip install h5py") from e
-    return h5py
-
-
-def decode_frames(path: Path, indices: np.ndarray, what: str) -> np.ndarray:
-    """(len(indices), H, W, 3) uint8 RGB frames `indices` (increasing) of a video, decoded with PyAV.
-
-    Raises ValueError naming the file when it is missing, undecodable, or ends before the last index.
-    """
-    try:
-        import av
-    except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError("the egodex source decodes MP4 with PyAV: pip install av") from e
-    if not path.exists():
-        raise ValueError(f"{what}: missing video {path}")
-    wanted = {int(i): k for k, i in enumerate(indices)}
-    last = int(max(indices))
-    out: list[np.ndarray | None] = [None] * len(indices)
-    try:
-        with av.open(str(path)) as container:
-            for i, frame in enumerate(container.decode(video=0)):
-                if i in wanted:
-                    out[wanted[i]] = frame.to_ndarray(format="rgb24")
-                if i >= last:
-                    break
-    except (av.error.FFmpegError, ValueError, OSError) as e:
-        raise ValueError(f"{what}: cannot decode {path}: {e}") from e
-    missing = [int(indices[k]) for k, f in enumerate(out) if f is None]
-    if missing:
-        raise ValueError(
-            f"{what}: {path} ends early (truncated?): frames {missing[:5]} were not decoded; the HDF5 has "
-            f"at least {last + 1} frames"
-        )
-    return np.stack(out)
-
-
-class EgoDexSource:
+class EgoDexSource(ChunkedSource):
     """`SourceAdapter` over EgoDex episodes below `root`; ids `egodex-<part>-<task>-<index>-c<chunk>`."""
 
     name = "egodex"
+    FPS = FPS
 
     def __init__(
         self,
@@ -134,24 +96,17 @@ class EgoDexSource:
         camera_axes: str = "auto",  # "auto" (decided from the data), "arkit" or "opencv"
         load_frames: bool = True,  # decode the MP4 (False: trajectory-only clips)
     ) -> None:
+        super().__init__(sample_fps, chunk_s)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root: {self.root} is not a folder")
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
         if not 0.0 <= min_confidence <= 1.0:
             raise ValueError(f"min_confidence: expected a value in [0, 1], got {min_confidence}")
         if camera_axes not in ("auto", "arkit", "opencv"):
             raise ValueError(f"camera_axes: expected 'auto', 'arkit' or 'opencv', got {camera_axes!r}")
-        self.sample_fps, self.chunk_s = float(sample_fps), float(chunk_s)
-        self.min_confidence, self.camera_axes, self.load_frames = (
-            float(min_confidence),
-            camera_axes,
-            load_frames,
-        )
-        h5py = _h5py()
-        self._clips: dict[str, tuple[Path, np.ndarray]] = {}
-        self.skipped: dict[str, str] = {}  # hdf5 file → why it yields no clip
+        self.min_confidence, self.camera_axes = float(min_confidence), camera_axes
+        self.load_frames = bool(load_frames)
+        h5py = require("h5py", "sources")
         for h5 in sorted(self.root.rglob("*.hdf5")):
             try:
                 with h5py.File(h5, "r") as f:
@@ -161,12 +116,7 @@ class EgoDexSource:
                 continue
             rel = h5.relative_to(self.root).with_suffix("").parts
             part = () if len(rel) > 2 else (self.root.name,)
-            base = "egodex-" + "-".join(part + rel)
-            for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"{base}-c{c:03d}"] = (h5, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add("egodex-" + "-".join(part + rel), n, h5)
 
     @staticmethod
     def _read(f, key: str, h5: Path, what: str, idx: np.ndarray) -> np.ndarray:
@@ -177,11 +127,9 @@ class EgoDexSource:
         return np.asarray(f[key][idx.tolist()], dtype=np.float64)
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        h5, idx = self._clips[clip_id]
+        h5, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
-        with _h5py().File(h5, "r") as f:
+        with require("h5py", "sources").File(h5, "r") as f:
             K = np.asarray(f["camera/intrinsic"], float) if "camera/intrinsic" in f else EGODEX_K
             T_wc = self._read(f, "transforms/camera", h5, what, idx)
             joints, conf = {}, {}
@@ -207,8 +155,7 @@ class EgoDexSource:
         valid = {s: (conf[s] >= self.min_confidence).all(axis=1) for s in joints}
         axes = self._axes(T_wc, joints, valid, clip_id)
         R_wc = T_wc[:, :3, :3] @ ARKIT_TO_OPENCV if axes == "arkit" else T_wc[:, :3, :3]
-        R = np.transpose(R_wc, (0, 2, 1))
-        t = -np.einsum("tij,tj->ti", R, T_wc[:, :3, 3])
+        R, t = invert_poses(R_wc, T_wc[:, :3, 3])
         hands = {
             s: HandTrack(s, joints3d=np.where(valid[s][:, None, None], joints[s], np.nan), valid=valid[s])
             for s in ("left", "right")
@@ -220,7 +167,7 @@ class EgoDexSource:
             )
         frames = None
         if self.load_frames:
-            frames = decode_frames(h5.with_suffix(".mp4"), idx, what)
+            frames = read_video_frames(h5.with_suffix(".mp4"), idx, what)
         image_hw = IMAGE_HW if frames is None else frames.shape[1:3]
         names = attrs.get("llm_objects")
         objects = (
@@ -231,7 +178,7 @@ class EgoDexSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=R,
             t=t,

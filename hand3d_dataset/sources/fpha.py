@@ -31,7 +31,7 @@ Conventions and why:
 - Objects and task: the action folder names the task ("put_salt" → "put salt") and its object via
   `ACTION_OBJECTS`; where `object_pose.txt` exists, the object's `position3d` is the translation of its pose
   (the model origin), metres.
-- Frames: 30 fps; sampled at `sample_fps` (1 fps) in `chunk_s` (10 s) chunks (`dexycb.chunk_frame_indices`),
+- Frames: 30 fps; sampled at `sample_fps` (1 fps) in `chunk_s` (10 s) chunks (`_common.chunk_frame_indices`),
   counted from the skeleton's lines.
 
 Bad input: a missing image, a skeleton with fewer lines than the sampled frames, a NaN in a skeleton or
@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_depth_mm, read_rgb, sampled_fps
+from hand3d_dataset.sources._common import ChunkedSource, read_depth_mm, read_rgb
 
 __all__ = ["FphaSource", "COLOR_K", "DEPTH_K", "DEPTH_TO_COLOR_R", "DEPTH_TO_COLOR_T_MM", "FPHA_TO_OPENPOSE"]
 
@@ -158,10 +158,11 @@ def depth_to_color(depth_m: np.ndarray) -> np.ndarray:
     return out.reshape(h, w).astype(np.float32)
 
 
-class FphaSource:
+class FphaSource(ChunkedSource):
     """`SourceAdapter` over an FPHA root; ids `fpha-<subject>-<action>-<seq>-c<chunk>`."""
 
     name = "fpha"
+    FPS = FPS
 
     def __init__(
         self,
@@ -170,20 +171,17 @@ class FphaSource:
         chunk_s: float = 10.0,  # chunk length in seconds (the paper's ~10 s chunks)
         load_depth: bool = True,  # reproject the depth into the colour image (for `--estimator gt-depth`)
     ) -> None:
+        super().__init__(sample_fps, chunk_s)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root: {self.root} is not a folder")
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
-        self.sample_fps, self.chunk_s, self.load_depth = float(sample_fps), float(chunk_s), bool(load_depth)
+        self.load_depth = bool(load_depth)
         skel_dirs = [self.root / d for d in _SKELETON_DIRS if (self.root / d).is_dir()]
         if not skel_dirs:
             raise ValueError(
                 f"root: {self.root} has none of {list(_SKELETON_DIRS)}; point it at the FPHA folder that holds "
                 "Video_files/ and Hand_pose_annotation_v1/"
             )
-        self._clips: dict[str, tuple[Path, str, np.ndarray]] = {}
-        self.skipped: dict[str, str] = {}  # skeleton file → why it yields no clip
         for skel in sorted(skel_dirs[0].glob("*/*/*/skeleton.txt")):
             subject, action, seq = skel.parts[-4:-1]
             try:
@@ -191,20 +189,10 @@ class FphaSource:
             except ValueError as e:
                 self.skipped[str(skel)] = str(e)
                 continue
-            for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"fpha-{subject}-{action}-{seq}-c{c:03d}"] = (
-                    skel,
-                    f"{subject}/{action}/{seq}",
-                    idx,
-                )
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add(f"fpha-{subject}-{action}-{seq}", n, skel, f"{subject}/{action}/{seq}")
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        skel_path, rel, idx = self._clips[clip_id]
+        skel_path, rel, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         skel = _read_lines(skel_path, 64, what)
         if len(skel) <= idx[-1]:
@@ -246,7 +234,7 @@ class FphaSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=COLOR_K,
             R=np.tile(DEPTH_TO_COLOR_R, (n, 1, 1)),
             t=np.tile(DEPTH_TO_COLOR_T_MM / 1000.0, (n, 1)),

@@ -36,7 +36,7 @@ Conventions and why:
   espresso, lotion, spray, milk, cocoa, chips, cappuccino), one track per class seen in the chunk, NaN
   where another or no object is annotated. The task is the chunk's most frequent `action_label` ("grab
   book"), else its most frequent verb and object ("open milk"), else "".
-- Frames: 30 fps, sampled at `sample_fps` (1 fps) in `chunk_s` (10 s) chunks (`dexycb.chunk_frame_indices`).
+- Frames: 30 fps, sampled at `sample_fps` (1 fps) in `chunk_s` (10 s) chunks (`_common.chunk_frame_indices`).
   Depth is loaded by default so that `--estimator gt-depth` calibrates on the sensor's depth.
   A download in "pose" mode (no rgb folder) gives trajectory-only clips (frames None).
 
@@ -53,7 +53,7 @@ from pathlib import Path
 import numpy as np
 
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_depth_mm, read_rgb, sampled_fps
+from hand3d_dataset.sources._common import ChunkedSource, ManoPoser, invert_poses, read_depth_mm, read_rgb
 
 __all__ = ["H2oSource", "OBJECTS", "VERBS", "ACTIONS", "FPS"]
 
@@ -86,10 +86,11 @@ def _numbers(path: Path, count: int | None, what: str) -> np.ndarray:
     return vals
 
 
-class H2oSource:
+class H2oSource(ChunkedSource):
     """`SourceAdapter` over an H2O root; ids `h2o-<subject>-<scene>-<sequence>-<camera>-c<chunk>`."""
 
     name = "h2o"
+    FPS = FPS
 
     def __init__(
         self,
@@ -100,66 +101,40 @@ class H2oSource:
         mano_dir: str | Path | None = None,  # MANO_LEFT/RIGHT files: re-pose hand_pose_MANO, report the error
         load_depth: bool = True,  # read the registered depth (for `--estimator gt-depth`)
     ) -> None:
+        super().__init__(sample_fps, chunk_s)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root: {self.root} is not a folder")
         if camera not in {f"cam{i}" for i in range(5)}:
             raise ValueError(f"camera: expected cam0..cam4 (cam4 is egocentric), got {camera!r}")
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
-        self.camera, self.sample_fps, self.chunk_s = camera, float(sample_fps), float(chunk_s)
-        self.load_depth = bool(load_depth)
-        self.mano_dir = None if mano_dir is None else Path(mano_dir)
-        self._layers: dict[str, object] = {}
-        self._clips: dict[str, tuple[Path, np.ndarray]] = {}
-        self.skipped: dict[str, str] = {}  # camera folder → why it yields no clip
+        self.camera, self.load_depth = camera, bool(load_depth)
+        # h2oplayer: manopth ManoLayer(use_pca=False, ncomps=45, flat_hand_mean=True)
+        self.poser = (
+            None if mano_dir is None else ManoPoser(mano_dir, flat_hand_mean=True, fingertips="manopth")
+        )
         for intr in sorted(self.root.rglob(f"{camera}/cam_intrinsics.txt")):
             cam = intr.parent
-            poses = sorted(cam.glob("cam_pose/*.txt"))
-            if not poses:
+            names = [p.stem for p in sorted(cam.glob("cam_pose/*.txt"))]
+            if not names:
                 self.skipped[str(cam)] = f"no cam_pose/*.txt in {cam}"
-                continue
-            names = [p.stem for p in poses]
-            if names != [f"{i:06d}" for i in range(len(names))]:
+            elif names != [f"{i:06d}" for i in range(len(names))]:
                 self.skipped[str(cam)] = (
                     f"cam_pose files of {cam} are not numbered 000000..{len(names) - 1:06d}"
                 )
-                continue
-            seq = cam.parent
-            rel = seq.relative_to(self.root).parts if seq != self.root else (seq.name,)
-            base = "h2o-" + "-".join(rel) + f"-{camera}"
-            for c, idx in enumerate(chunk_frame_indices(len(names), FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"{base}-c{c:03d}"] = (cam, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
-
-    def _mano_layer(self, side: str):
-        if side not in self._layers:
-            from hand3d_dataset.mano import ManoLayer
-
-            files = [self.mano_dir / f"MANO_{side.upper()}.{ext}" for ext in ("npz", "pkl")]
-            found = [f for f in files if f.exists()]
-            if not found:
-                raise ValueError(f"mano_dir: none of {[str(f) for f in files]} exists")
-            # h2oplayer: manopth ManoLayer(use_pca=False, ncomps=45, flat_hand_mean=True)
-            self._layers[side] = ManoLayer(
-                found[0], use_pca=False, flat_hand_mean=True, fingertips="manopth", side=side
-            ).double()
-        return self._layers[side]
+            else:
+                seq = cam.parent
+                rel = seq.relative_to(self.root).parts if seq != self.root else (seq.name,)
+                self._add("h2o-" + "-".join(rel) + f"-{camera}", len(names), cam)
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        cam, idx = self._clips[clip_id]
+        cam, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         fx, fy, cx, cy, w, h = _numbers(cam / "cam_intrinsics.txt", 6, what)
         K = np.array([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
         image_hw = (int(h), int(w))
         n = len(idx)
         T_wc = np.stack([_numbers(cam / "cam_pose" / f"{f:06d}.txt", 16, what).reshape(4, 4) for f in idx])
-        R = np.transpose(T_wc[:, :3, :3], (0, 2, 1))
-        t = -np.einsum("tij,tj->ti", R, T_wc[:, :3, 3])
+        R, t = invert_poses(T_wc[:, :3, :3], T_wc[:, :3, 3])
 
         joints_cam = {s: np.full((n, 21, 3), np.nan) for s in _SIDES}
         mano = {
@@ -222,11 +197,14 @@ class H2oSource:
             valid = np.isfinite(joints_cam[s]).all(axis=(1, 2))
             if not valid.any():
                 continue
-            if self.mano_dir is not None:
+            if self.poser is not None:
                 ok = valid & np.isfinite(mano[s]["global_orient"]).all(axis=1)
                 if ok.any():
+                    m = {k: v[ok] for k, v in mano[s].items()}
                     errors.append(
-                        self._mano_error(s, {k: v[ok] for k, v in mano[s].items()}, joints_cam[s][ok])
+                        self.poser.max_error_mm(
+                            s, joints_cam[s][ok], m["global_orient"], m["hand_pose"], m["betas"], m["transl"]
+                        )
                     )
             hands[s] = HandTrack(
                 s, joints3d=to_world(joints_cam[s]), valid=valid, mano=mano[s] if has_mano else None
@@ -261,7 +239,7 @@ class H2oSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=R,
             t=t,
@@ -273,14 +251,3 @@ class H2oSource:
             depth=depth,
             meta=meta,
         )
-
-    def _mano_error(self, side: str, params: dict[str, np.ndarray], joints: np.ndarray) -> float:
-        """Largest distance (mm) between joints posed from hand_pose_MANO and hand_pose (camera frame)."""
-        import torch
-
-        layer = self._mano_layer(side)
-        with torch.no_grad():
-            posed = layer.forward_joints(
-                *(torch.from_numpy(params[k]) for k in ("global_orient", "hand_pose", "betas", "transl"))
-            ).numpy()
-        return float(np.linalg.norm(posed - joints, axis=-1).max() * 1000.0)

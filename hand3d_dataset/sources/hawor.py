@@ -58,8 +58,14 @@ from scipy.spatial.transform import Rotation
 
 from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack
-from hand3d_dataset.sources.arctic import ManoPoser, find_mano_dir
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_rgb, sampled_fps
+from hand3d_dataset.sources._common import (
+    ChunkedSource,
+    ManoPoser,
+    find_mano_dir,
+    invert_poses,
+    masked,
+    read_rgb,
+)
 
 __all__ = ["HaworSource", "load_slam_camera", "FPS"]
 
@@ -93,10 +99,11 @@ def load_slam_camera(path: Path, what: str) -> tuple[np.ndarray, np.ndarray, np.
     return R_c2w, traj[:, :3] * scale, K
 
 
-class HaworSource:
+class HaworSource(ChunkedSource):
     """`SourceAdapter` over folders written by HaWoR's demo; ids `hawor-<video path, '/' → '-'>-c<chunk>`."""
 
     name = "hawor"
+    FPS = FPS
 
     def __init__(
         self,
@@ -106,29 +113,21 @@ class HaworSource:
         chunk_s: float = 10.0,  # chunk length in seconds (the paper's ~10 s chunks)
         images: str = "auto",  # "auto" | "required" | "none": read extracted_images
     ) -> None:
+        super().__init__(sample_fps, chunk_s, images)
         self.root = Path(root)
         if not self.root.is_dir():
             raise ValueError(f"root: {self.root} is not a folder")
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
-        if images not in ("auto", "required", "none"):
-            raise ValueError(f"images: expected 'auto', 'required' or 'none', got {images!r}")
-        self.sample_fps, self.chunk_s, self.images = float(sample_fps), float(chunk_s), images
         left_dir = self.root / "_DATA" / "data_left" / "mano_left"
         found = find_mano_dir(mano_dir, [self.root / "_DATA" / "data" / "mano", left_dir])
-        self.poser = (
-            None
-            if found is None
-            else ManoPoser(
+        self.poser = None
+        if found is not None:
+            self.poser = ManoPoser(
                 found,
                 flat_hand_mean=True,
                 fingertips="smplx",
                 flip_left_shapedirs=True,
                 extra_dirs=(left_dir,),
             )
-        )
-        self.skipped: dict[str, str] = {}
-        self._clips: dict[str, tuple[Path, np.ndarray]] = {}
         for res in sorted(self.root.rglob(RESULT)):
             folder = res.parent
             rel = folder.relative_to(self.root).as_posix()
@@ -142,11 +141,7 @@ class HaworSource:
             except (ValueError, KeyError, OSError) as e:
                 self.skipped[rel] = str(e)
                 continue
-            for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"hawor-{rel.replace('/', '-')}-c{c:03d}"] = (folder, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add(f"hawor-{rel.replace('/', '-')}", n, folder)
 
     @staticmethod
     def _result(folder: Path, what: str) -> list[np.ndarray]:
@@ -165,9 +160,7 @@ class HaworSource:
         return arrs
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        folder, idx = self._clips[clip_id]
+        folder, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         trans, rot, pose, betas, valid = self._result(folder, what)
         T = trans.shape[1]
@@ -192,20 +185,14 @@ class HaworSource:
             ok = valid[h][idx].astype(bool) & np.isfinite(np.concatenate([go, hp, b, tr], axis=1)).all(axis=1)
             joints = self.poser.joints(side, go, hp, b, tr)
             joints[~ok] = np.nan
-            mano = {
-                "global_orient": np.where(ok[:, None], go, np.nan),
-                "hand_pose": np.where(ok[:, None], hp, np.nan),
-                "transl": np.where(ok[:, None], tr, np.nan),
-                "betas": np.where(ok[:, None], b, np.nan),
-            }
+            mano = masked(ok, global_orient=go, hand_pose=hp, transl=tr, betas=b)
             hands[side] = HandTrack(side, joints3d=joints, valid=ok, mano=mano)
-        R_w2c = np.transpose(R_c2w[idx], (0, 2, 1))
-        t_w2c = -np.einsum("tij,tj->ti", R_w2c, t_c2w[idx])
+        R_w2c, t_w2c = invert_poses(R_c2w[idx], t_c2w[idx])
         frames, image_hw = self._frames(folder, idx, T, K, what)
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=R_w2c,
             t=t_w2c,
@@ -232,7 +219,7 @@ class HaworSource:
 
     def _frames(self, folder: Path, idx: np.ndarray, T: int, K: np.ndarray, what: str):
         img_dir = folder / "extracted_images"
-        if self.images == "none" or (self.images == "auto" and not img_dir.is_dir()):
+        if not self._use_images(img_dir.is_dir()):
             return None, (int(round(2 * K[1, 2])), int(round(2 * K[0, 2])))
         files = sorted(img_dir.glob("*.jpg"), key=_natural_key)
         if len(files) != T:

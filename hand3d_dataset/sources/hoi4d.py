@@ -52,9 +52,16 @@ from scipy.spatial.transform import Rotation
 
 from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.arctic import ManoPoser, find_mano_dir
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_depth_mm, read_rgb, sampled_fps
-from hand3d_dataset.sources.taco import read_video_frames
+from hand3d_dataset.sources._common import (
+    ChunkedSource,
+    ManoPoser,
+    depth_from_units,
+    find_mano_dir,
+    masked,
+    read_depth_mm,
+    read_rgb,
+    read_video_frames,
+)
 
 __all__ = ["Hoi4dSource", "read_open3d_log", "FPS", "CATEGORIES", "TASKS"]
 
@@ -166,10 +173,11 @@ def task_text(category: int, task: int) -> str:
     return text[0].lower() + text[1:]
 
 
-class Hoi4dSource:
+class Hoi4dSource(ChunkedSource):
     """`SourceAdapter` over a HOI4D root; ids `hoi4d-<vid with '/' → '-'>-c<chunk>`."""
 
     name = "hoi4d"
+    FPS = FPS
 
     def __init__(
         self,
@@ -180,35 +188,21 @@ class Hoi4dSource:
         images: str = "auto",  # "auto" | "required" | "none": read RGB (and depth) frames
         num_frames: int = 300,  # frames per HOI4D video (every released video has 300)
     ) -> None:
+        super().__init__(sample_fps, chunk_s, images)
         self.root = Path(root)
         hands = self.root / "handpose" / "refinehandpose_right"
         if not hands.is_dir():
             raise ValueError(
                 f"root: {self.root} has no handpose/refinehandpose_right/ folder; point it at HOI4D's root"
             )
-        if not (sample_fps > 0 and chunk_s > 0) or num_frames < 1:
-            raise ValueError(
-                f"sample_fps, chunk_s, num_frames: expected positive values, got {sample_fps}, {chunk_s}, {num_frames}"
-            )
-        if images not in ("auto", "required", "none"):
-            raise ValueError(f"images: expected 'auto', 'required' or 'none', got {images!r}")
-        self.sample_fps, self.chunk_s, self.images, self.num_frames = (
-            float(sample_fps),
-            float(chunk_s),
-            images,
-            num_frames,
-        )
+        if num_frames < 1:
+            raise ValueError(f"num_frames: expected a positive count, got {num_frames}")
+        self.num_frames = num_frames
         found = find_mano_dir(mano_dir, [self.root / "mano"])
         self.poser = None if found is None else ManoPoser(found, flat_hand_mean=True, fingertips="manopth")
-        self._clips: dict[str, tuple[str, np.ndarray]] = {}
-        chunks = chunk_frame_indices(num_frames, FPS, self.sample_fps, self.chunk_s)
         for folder in sorted(p for p in hands.glob("*/*/*/*/*/*/*") if p.is_dir()):
             vid = folder.relative_to(hands).as_posix()
-            for c, idx in enumerate(chunks):
-                self._clips[f"hoi4d-{vid.replace('/', '-')}-c{c:03d}"] = (vid, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add(f"hoi4d-{vid.replace('/', '-')}", num_frames, vid)
 
     def _annotation(self, vid: str, rel: str) -> Path:
         """First existing of the places the annotation `rel` of `vid` may be (see the module docstring)."""
@@ -218,9 +212,7 @@ class Hoi4dSource:
         return next((c for c in cands if c.exists()), cands[0])
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        vid, idx = self._clips[clip_id]
+        vid, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         poses = read_open3d_log(self._annotation(vid, "3Dseg/output.log"), what)
         if len(poses) <= idx[-1]:
@@ -255,7 +247,7 @@ class Hoi4dSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=w2c[:, :3, :3],
             t=w2c[:, :3, 3],
@@ -288,12 +280,7 @@ class Hoi4dSource:
                 )
             theta[k], beta[k], trans[k] = th, b, tr
         ok = np.isfinite(theta).all(1) & np.isfinite(beta).all(1) & np.isfinite(trans).all(1)
-        mano = {
-            "global_orient": np.where(ok[:, None], theta[:, :3], np.nan),
-            "hand_pose": np.where(ok[:, None], theta[:, 3:], np.nan),
-            "transl_cam": np.where(ok[:, None], trans, np.nan),
-            "betas": np.where(ok[:, None], beta, np.nan),
-        }
+        mano = masked(ok, global_orient=theta[:, :3], hand_pose=theta[:, 3:], transl_cam=trans, betas=beta)
         if self.poser is None:
             raise ValueError(
                 f"{what}: HOI4D hands need MANO model files (pass mano_dir, set $HAND3D_MANO_DIR or put "
@@ -324,7 +311,7 @@ class Hoi4dSource:
         rgb_dir = self.root / "HOI4D_release" / vid / "align_rgb"
         depth_dir = self.root / "HOI4D_release" / vid / "align_depth"
         have = (rgb_dir / "image.mp4").exists() or (rgb_dir / "00000.jpg").exists()
-        if self.images == "none" or (self.images == "auto" and not have):
+        if not self._use_images(have):
             return None, None, VIDEO_HW
         if (rgb_dir / "00000.jpg").exists():
             frames = np.stack([read_rgb(rgb_dir / f"{int(f):05d}.jpg", what) for f in idx])
@@ -334,10 +321,8 @@ class Hoi4dSource:
         if (depth_dir / "00000.png").exists():
             depth = np.stack([read_depth_mm(depth_dir / f"{int(f):05d}.png", what) for f in idx])
         elif (depth_dir / "depth_video.avi").exists():
-            raw = read_video_frames(depth_dir / "depth_video.avi", idx, what, fmt="gray16le").astype(
-                np.float32
-            )
-            depth = np.where(raw > 0, raw / 1000.0, np.nan).astype(np.float32)
+            raw = read_video_frames(depth_dir / "depth_video.avi", idx, what, fmt="gray16le")
+            depth = depth_from_units(raw, 1000.0)  # millimetres
         if depth is not None and depth.shape[1:] != frames.shape[1:3]:
             raise ValueError(
                 f"{what}: depth {depth.shape[1:]} and RGB {frames.shape[1:3]} sizes differ in {vid}"

@@ -38,6 +38,7 @@ import numpy as np
 from scipy.spatial.transform import Rotation
 
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
+from hand3d_dataset.sources._common import ManoPoser, invert_poses
 
 __all__ = ["Hot3dSource", "pinhole_from_fisheye624"]
 
@@ -88,8 +89,9 @@ class Hot3dSource:
         if not self.root.is_dir():
             raise ValueError(f"root: {self.root} is not a folder")
         self.stream_id, self.object_names = stream_id, dict(object_names or {})
-        self.mano_dir = None if mano_dir is None else Path(mano_dir)
-        self._layers: dict[str, object] = {}
+        # HOT3D's MANO: 15 PCA components with the files' mean pose
+        self.poser = None if mano_dir is None else ManoPoser(mano_dir, use_pca=True, num_pca_comps=15)
+        self.skipped: dict[str, str] = {}  # nothing fails at listing: sequences are found by file name
         seqs = sorted({p.parent for p in self.root.rglob(_REQUIRED[0]) if (p.parent / _REQUIRED[1]).exists()})
         self._seqs = {f"hot3d-{p.parent.name}-{p.name}": p for p in seqs}
 
@@ -114,27 +116,9 @@ class Hot3dSource:
                 )
         raise ValueError(f"clip {clip_id}: camera_models.json has no stream {self.stream_id!r}")
 
-    def _mano_layer(self, side: str):
-        if side not in self._layers:
-            from hand3d_dataset.mano import ManoLayer
-
-            files = [self.mano_dir / f"MANO_{side.upper()}.{ext}" for ext in ("npz", "pkl")]
-            found = [f for f in files if f.exists()]
-            if not found:
-                raise ValueError(f"mano_dir: none of {[str(f) for f in files]} exists")
-            self._layers[side] = ManoLayer(found[0], use_pca=True, num_pca_comps=15, side=side).double()
-        return self._layers[side]
-
     def _joints(self, side: str, pca: np.ndarray, betas: np.ndarray, T_world_wrist: np.ndarray) -> np.ndarray:
         """(T, 21, 3) world joints: MANO in the wrist's frame (wrist at the origin), then T_world_wrist."""
-        import torch
-
-        layer = self._mano_layer(side)
-        n = len(pca)
-        with torch.no_grad():
-            local = layer.forward_joints(
-                torch.zeros(n, 3), torch.from_numpy(pca), torch.from_numpy(betas)
-            ).numpy()
+        local = self.poser.joints(side, np.zeros((len(pca), 3)), pca, betas)
         local = local - local[:, :1]
         return np.einsum("tij,tkj->tki", T_world_wrist[:, :3, :3], local) + T_world_wrist[:, None, :3, 3]
 
@@ -153,8 +137,7 @@ class Hot3dSource:
             [_pose([r[f"t_wo_{a}[m]"] for a in "xyz"], [r[f"q_wo_{a}"] for a in "wxyz"]) for r in rows]
         )
         T_wc = T_wd @ T_dc
-        R = np.transpose(T_wc[:, :3, :3], (0, 2, 1))
-        t = -np.einsum("tij,tj->ti", R, T_wc[:, :3, 3])
+        R, t = invert_poses(T_wc[:, :3, :3], T_wc[:, :3, 3])
         fps = 1e9 / float(np.median(np.diff(ts))) if len(ts) > 1 else 30.0
         index = {int(v): i for i, v in enumerate(ts)}
         n = len(ts)
@@ -187,7 +170,7 @@ class Hot3dSource:
             valid = np.isfinite(h["T_world_wrist"]).all(axis=(1, 2))
             wrist = np.where(valid[:, None], h["T_world_wrist"][:, :3, 3], np.nan)
             joints = None
-            if self.mano_dir is not None:
+            if self.poser is not None:
                 joints = np.full((n, 21, 3), np.nan)
                 joints[valid] = self._joints(
                     side, h["pose_pca"][valid], h["betas"][valid], h["T_world_wrist"][valid]

@@ -41,7 +41,7 @@ Conventions and why:
 - `images`: as the ARCTIC adapter ("auto": read PNGs when the camera folder exists, else trajectory-only).
 
 Listing: a sequence's colour frame count is only in its annotation pickle (tens of seconds to unpickle for a
-long sequence), so it is remembered per file in `$HAND3D_CACHE/frame_counts.json` (`arctic.cached_count`):
+long sequence), so it is remembered per file in `$HAND3D_CACHE/frame_counts.json` (`_common.cached_count`):
 the first listing of a download reads every annotation once, later ones none.
 
 Bad input: a missing or unreadable annotation file, a sequence without an egocentric camera, an annotation
@@ -60,8 +60,14 @@ from scipy.spatial.transform import Rotation
 
 from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.arctic import ManoPoser, cached_count, find_mano_dir
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, read_rgb, sampled_fps
+from hand3d_dataset.sources._common import (
+    ChunkedSource,
+    ManoPoser,
+    cached_count,
+    find_mano_dir,
+    masked,
+    read_rgb,
+)
 
 __all__ = ["OakInk2Source", "quat_wxyz_to_axis_angle", "FPS"]
 
@@ -82,10 +88,11 @@ def _np(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=float)
 
 
-class OakInk2Source:
+class OakInk2Source(ChunkedSource):
     """`SourceAdapter` over an OakInk2 root; ids `oakink2-<seq_token>-c<chunk>`."""
 
     name = "oakink2"
+    FPS = FPS
 
     def __init__(
         self,
@@ -95,35 +102,25 @@ class OakInk2Source:
         chunk_s: float = 10.0,  # chunk length in seconds (the paper's ~10 s chunks)
         images: str = "auto",  # "auto" | "required" | "none": read the egocentric colour frames
     ) -> None:
+        super().__init__(sample_fps, chunk_s, images)
         self.root = Path(root)
         if not (self.root / "anno_preview").is_dir():
             raise ValueError(
                 f"root: {self.root} has no anno_preview/ folder; point it at the OakInk2 data folder"
             )
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
-        if images not in ("auto", "required", "none"):
-            raise ValueError(f"images: expected 'auto', 'required' or 'none', got {images!r}")
-        self.sample_fps, self.chunk_s, self.images = float(sample_fps), float(chunk_s), images
         found = find_mano_dir(mano_dir, [self.root / "mano", self.root.parent / "mano_v1_2" / "models"])
         self.poser = None if found is None else ManoPoser(found, flat_hand_mean=True, fingertips="manopth")
-        self.skipped: dict[str, str] = {}
-        self._clips: dict[str, tuple[str, np.ndarray]] = {}
         self._cache: tuple[str, dict] | None = None
         for path in sorted((self.root / "anno_preview").glob("*.pkl")):
             token = path.stem
-            try:  # unpickling an annotation takes long: the count is cached (arctic.cached_count)
+            try:  # unpickling an annotation takes long: the count is cached (_common.cached_count)
                 n = cached_count(
                     path, lambda p, t=token: len(self._anno(t, f"sequence {t}")["frame_id_list"])
                 )
             except ValueError as e:
                 self.skipped[token] = str(e)
                 continue
-            for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"oakink2-{token}-c{c:03d}"] = (token, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add(f"oakink2-{token}", n, token)
 
     def _anno(self, token: str, what: str) -> dict:
         if self._cache is not None and self._cache[0] == token:
@@ -146,9 +143,7 @@ class OakInk2Source:
         return anno
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        token, idx = self._clips[clip_id]
+        token, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         anno = self._anno(token, what)
         fids = [int(anno["frame_id_list"][i]) for i in idx]
@@ -193,7 +188,7 @@ class OakInk2Source:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=extr[:, :3, :3],
             t=extr[:, :3, 3],
@@ -227,13 +222,14 @@ class OakInk2Source:
         aa = np.full((n, 16, 3), np.nan)
         if ok.any():
             aa[ok] = quat_wxyz_to_axis_angle(quat[ok])
-        mano = {
-            "pose_quat_wxyz": np.where(ok[:, None, None], quat, np.nan),
-            "global_orient": aa[:, 0],
-            "hand_pose": aa[:, 1:].reshape(n, 45),
-            "transl": np.where(ok[:, None], tsl, np.nan),
-            "betas": np.where(ok[:, None], betas, np.nan),
-        }
+        mano = masked(
+            ok,
+            pose_quat_wxyz=quat,
+            global_orient=aa[:, 0],
+            hand_pose=aa[:, 1:].reshape(n, 45),
+            transl=tsl,
+            betas=betas,
+        )
         if self.poser is None:
             return HandTrack(side, wrist3d=mano["transl"], valid=ok, mano=mano)
         local = self.poser.joints(side, aa[:, 0], aa[:, 1:].reshape(n, 45), betas)
@@ -271,7 +267,7 @@ class OakInk2Source:
 
     def _frames(self, token: str, serial: str, fids: list[int], what: str):
         folder = self.root / "data" / token / str(serial)
-        if self.images == "none" or (self.images == "auto" and not folder.is_dir()):
+        if not self._use_images(folder.is_dir()):
             first = sorted(folder.glob("*.png"))[:1] if folder.is_dir() else []
             hw = read_rgb(first[0], what).shape[:2] if first else DEFAULT_IMAGE_HW
             return tuple(hw), None

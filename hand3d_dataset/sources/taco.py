@@ -53,55 +53,23 @@ import numpy as np
 
 from hand3d_dataset import safe_pickle
 from hand3d_dataset.clip import Clip, HandTrack, ObjectTrack
-from hand3d_dataset.sources.arctic import ManoPoser, find_mano_dir, load_npy, npy_length, obj_vertices
-from hand3d_dataset.sources.dexycb import chunk_frame_indices, sampled_fps
+from hand3d_dataset.sources._common import (
+    ChunkedSource,
+    ManoPoser,
+    depth_from_units,
+    find_mano_dir,
+    load_npy,
+    masked,
+    model_box_centre,
+    npy_length,
+    read_video_frames,
+)
 
-__all__ = ["TacoSource", "read_video_frames", "parse_triplet", "FPS"]
+__all__ = ["TacoSource", "parse_triplet", "FPS"]
 
 FPS = 30.0  # TACO's egocentric video rate
 DEPTH_SCALE = 4000.0  # egocentric depth units per metre (0.25 mm)
 VIDEO_HW = (1080, 1920)  # egocentric video size, used for trajectory-only clips
-
-
-def read_video_frames(
-    path: Path, indices, what: str, fmt: str = "rgb24", expect: int | None = None
-) -> np.ndarray:
-    """Decoded frames `indices` (0-based, in decode order) of a video, via PyAV.
-
-    Returns (len(indices), H, W, 3) uint8 for fmt "rgb24", or (len(indices), H, W) uint16 for "gray16le".
-    ValueError naming the file when it is missing, undecodable, or ends before the last index (truncated);
-    with `expect`, also when the container declares a frame count other than `expect`.
-    """
-    try:
-        import av
-    except ImportError as e:  # a core dependency of the video sources
-        raise ValueError(f"{what}: reading {path} needs PyAV: pip install av") from e
-    if not path.exists():
-        raise ValueError(f"{what}: missing {path}")
-    want = sorted({int(i) for i in indices})
-    if not want:
-        raise ValueError(f"{what}: no frame requested from {path}")
-    got: dict[int, np.ndarray] = {}
-    try:
-        with av.open(str(path)) as container:
-            stream = container.streams.video[0]
-            if expect is not None and stream.frames and int(stream.frames) < expect:
-                raise ValueError(
-                    f"{what}: {path} has {stream.frames} frames for {expect} poses (frames lost in the video)"
-                )
-            for k, frame in enumerate(container.decode(stream)):
-                if k in want:
-                    got[k] = frame.to_ndarray(format=fmt)
-                if k >= want[-1]:
-                    break
-    except (av.error.FFmpegError, IndexError) as e:
-        raise ValueError(f"{what}: cannot decode {path}: {e}") from e
-    missing = [i for i in want if i not in got]
-    if missing:
-        raise ValueError(
-            f"{what}: {path} ends before frame {missing[0]} (truncated video; {len(got)} decoded)"
-        )
-    return np.stack([got[int(i)] for i in indices])
 
 
 def parse_triplet(name: str) -> tuple[str, str, str]:
@@ -112,10 +80,11 @@ def parse_triplet(name: str) -> tuple[str, str, str]:
     return m.group(1), m.group(2), m.group(3)
 
 
-class TacoSource:
+class TacoSource(ChunkedSource):
     """`SourceAdapter` over a TACO root; ids `taco-<action>_<tool>_<target>-<seq>-c<chunk>`."""
 
     name = "taco"
+    FPS = FPS
 
     def __init__(
         self,
@@ -125,32 +94,22 @@ class TacoSource:
         chunk_s: float = 10.0,  # chunk length in seconds (the paper's ~10 s chunks)
         images: str = "auto",  # "auto" | "required" | "none": decode the egocentric RGB (and depth) videos
     ) -> None:
+        super().__init__(sample_fps, chunk_s, images)
         self.root = Path(root)
         if not (self.root / "Hand_Poses").is_dir():
             raise ValueError(
                 f"root: {self.root} has no Hand_Poses/ folder; point it at the TACO dataset root"
             )
-        if not (sample_fps > 0 and chunk_s > 0):
-            raise ValueError(f"sample_fps, chunk_s: expected positive values, got {sample_fps}, {chunk_s}")
-        if images not in ("auto", "required", "none"):
-            raise ValueError(f"images: expected 'auto', 'required' or 'none', got {images!r}")
-        self.sample_fps, self.chunk_s, self.images = float(sample_fps), float(chunk_s), images
         found = find_mano_dir(mano_dir, [self.root / "mano"])
         self.poser = None if found is None else ManoPoser(found, flat_hand_mean=True, fingertips="manopth")
-        self.skipped: dict[str, str] = {}
-        self._clips: dict[str, tuple[str, str, np.ndarray]] = {}
         for right in sorted((self.root / "Hand_Poses").glob("*/*/right_hand.pkl")):
             triplet, seq = right.parent.parent.name, right.parent.name
+            extr = (
+                self.root / "Egocentric_Camera_Parameters" / triplet / seq / "egocentric_frame_extrinsic.npy"
+            )
             try:
                 action, tool, target = parse_triplet(triplet)
                 # the extrinsics' header gives the frame count without unpickling the hand poses
-                extr = (
-                    self.root
-                    / "Egocentric_Camera_Parameters"
-                    / triplet
-                    / seq
-                    / "egocentric_frame_extrinsic.npy"
-                )
                 n = (
                     npy_length(extr)
                     if extr.exists()
@@ -160,11 +119,7 @@ class TacoSource:
                 self.skipped[f"{triplet}/{seq}"] = str(e)
                 continue
             slug = "_".join(w.replace(" ", "-") for w in (action, tool, target))
-            for c, idx in enumerate(chunk_frame_indices(n, FPS, self.sample_fps, self.chunk_s)):
-                self._clips[f"taco-{slug}-{seq}-c{c:03d}"] = (triplet, seq, idx)
-
-    def clip_ids(self) -> list[str]:
-        return list(self._clips)
+            self._add(f"taco-{slug}-{seq}", n, triplet, seq)
 
     @staticmethod
     def _poses(path: Path, what: str) -> list[dict]:
@@ -208,12 +163,7 @@ class TacoSource:
                 raise ValueError(f"{what}: {shape_path} holds {betas.size} shape values, expected 10")
         betas = np.tile(betas, (len(idx), 1))
         ok = np.isfinite(theta).all(1) & np.isfinite(trans).all(1) & np.isfinite(betas).all(1)
-        mano = {
-            "global_orient": np.where(ok[:, None], theta[:, :3], np.nan),
-            "hand_pose": np.where(ok[:, None], theta[:, 3:], np.nan),
-            "transl": np.where(ok[:, None], trans, np.nan),
-            "betas": np.where(ok[:, None], betas, np.nan),
-        }
+        mano = masked(ok, global_orient=theta[:, :3], hand_pose=theta[:, 3:], transl=trans, betas=betas)
         if self.poser is None:
             return HandTrack(side, wrist3d=mano["transl"], valid=ok, mano=mano)
         local = self.poser.joints(side, theta[:, :3], theta[:, 3:], betas)
@@ -222,9 +172,7 @@ class TacoSource:
         return HandTrack(side, joints3d=joints, valid=ok, mano=mano)
 
     def load_clip(self, clip_id: str) -> Clip:
-        if clip_id not in self._clips:
-            raise ValueError(f"clip_id: unknown {clip_id!r}; known: {list(self._clips)[:5]}")
-        triplet, seq, idx = self._clips[clip_id]
+        triplet, seq, idx = self._entry(clip_id)
         what = f"clip {clip_id}"
         action, tool, target = parse_triplet(triplet)
         hands_dir = self.root / "Hand_Poses" / triplet / seq
@@ -252,7 +200,7 @@ class TacoSource:
         return Clip(
             clip_id=clip_id,
             source=self.name,
-            fps=sampled_fps(FPS, self.sample_fps),
+            fps=self.clip_fps,
             K=K,
             R=extr[idx, :3, :3],
             t=extr[idx, :3, 3],
@@ -277,25 +225,24 @@ class TacoSource:
         poses = np.asarray(load_npy(files[0], what), float)
         if poses.shape != (n, 4, 4):
             raise ValueError(f"{what}: {files[0]} has shape {poses.shape}, expected ({n}, 4, 4)")
-        model = self.root / "Object_Models" / f"{files[0].stem.split('_', 1)[1]}_cm.obj"
-        centre = np.zeros(3)
-        if model.exists():
-            v = obj_vertices(model) * 0.01  # centimetres
-            centre = (v.min(0) + v.max(0)) / 2
+        # TACO's models are in centimetres
+        centre = model_box_centre(
+            self.root / "Object_Models" / f"{files[0].stem.split('_', 1)[1]}_cm.obj", 0.01
+        )
         p = poses[idx]
         pos = np.einsum("tij,j->ti", p[:, :3, :3], centre) + p[:, :3, 3]
         return ObjectTrack(name, position3d=np.where(np.isfinite(pos).all(1)[:, None], pos, np.nan))
 
     def _videos(self, triplet: str, seq: str, idx: np.ndarray, n: int, what: str):
         rgb = self.root / "Egocentric_RGB_Videos" / triplet / seq / "color.mp4"
-        if self.images == "none" or (self.images == "auto" and not rgb.exists()):
+        if not self._use_images(rgb.exists()):
             return None, None, VIDEO_HW
         frames = read_video_frames(rgb, idx, what, expect=n)
         dpath = self.root / "Egocentric_Depth_Videos" / triplet / seq / "egocentric_depth.avi"
         depth = None
         if dpath.exists():
-            raw = read_video_frames(dpath, idx, what, fmt="gray16le", expect=n).astype(np.float32)
+            raw = read_video_frames(dpath, idx, what, fmt="gray16le", expect=n)
             if raw.shape[1:] != frames.shape[1:3]:
                 raise ValueError(f"{what}: {dpath} is {raw.shape[1:]}, the RGB video {frames.shape[1:3]}")
-            depth = np.where(raw > 0, raw / DEPTH_SCALE, np.nan).astype(np.float32)
+            depth = depth_from_units(raw, DEPTH_SCALE)
         return frames, depth, frames.shape[1:3]

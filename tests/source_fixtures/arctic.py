@@ -6,20 +6,27 @@
 Numbers: a synthetic MANO model (tests/test_mano.py), smooth random MANO parameters for both hands near the
 world origin, an egocentric camera circling slowly and looking at them. The hand joints of the fixture
 ("ARCTIC's own joints") are posed with **smplx's MANO** (`use_pca=False, flat_hand_mean=False`, as ARCTIC's
-`build_mano_aa` does), independently of `hand3d_dataset.mano`. The shared helpers here (`write_mano_files`,
-`look_at`, `smplx_hand`, `random_hand_params`, `noise_image`) are used by the other fixture builders.
+`build_mano_aa` does), independently of `hand3d_dataset.mano`.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import torch
+from scipy.spatial.transform import Rotation
+
+from tests.source_fixtures._common import (
+    look_at,
+    noise_image,
+    project_world,
+    random_hand_params,
+    smplx_hand,
+    write_mano_files,
+)
 
 SUBJECT = "s01"
 SEQUENCE = "box_grab_01"  # ARCTIC names: <object>_<action>_<nn>
@@ -28,105 +35,6 @@ NUM_FRAMES = 61  # 2 s at 30 fps → sampled frames 0, 30, 60 at 1 fps
 IMAGE_WH = (280, 200)  # the fixture's "egocentric" images (ARCTIC's are 2800 × 2000)
 IOI_OFFSET = 1
 K_EGO = np.array([[260.0, 0.0, 139.5], [0.0, 262.0, 99.5], [0.0, 0.0, 1.0]])
-# ARCTIC's 21 joints = MANO's 16 + smplx tip vertices (thumb, index, middle, ring, pinky)
-SMPLX_TIPS = (744, 320, 443, 554, 671)
-MANOPTH_TIPS = (745, 317, 444, 556, 673)
-
-
-# ---------------------------------------------------------------------------- shared helpers
-
-
-def write_mano_files(folder: Path) -> Path:
-    """Synthetic MANO_RIGHT/LEFT.pkl (official keys, protocol-2 pickles) in `folder`."""
-    from tests.test_mano import make_synthetic_mano
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for side, seed in (("right", 1), ("left", 2)):
-        with open(folder / f"MANO_{side.upper()}.pkl", "wb") as fh:
-            pickle.dump(make_synthetic_mano(side, seed=seed), fh, protocol=2)
-    return folder
-
-
-def look_at(eye, target, up=(0.0, 0.0, 1.0)) -> tuple[np.ndarray, np.ndarray]:
-    """World → camera (R, t) of an OpenCV camera (x right, y down, z forward) at `eye` looking at `target`."""
-    eye, target, up = (np.asarray(v, float) for v in (eye, target, up))
-    z = target - eye
-    z /= np.linalg.norm(z)
-    x = np.cross(z, up)
-    x /= np.linalg.norm(x)
-    y = np.cross(z, x)
-    R = np.stack([x, y, z])  # rows: camera axes in world coordinates
-    return R, -R @ eye
-
-
-def smplx_hand(
-    mano_file: Path,
-    side: str,
-    params: dict,
-    flat_hand_mean: bool,
-    tips=SMPLX_TIPS,
-    flip_shapedirs: bool = False,
-) -> tuple[np.ndarray, np.ndarray]:
-    """smplx MANO forward: (T, 16 + 5, 3) joints in MANO order + tip vertices, and (T, 778, 3) vertices.
-
-    flip_shapedirs: negate `shapedirs[:, 0, :]` of the layer first (HaWoR's left-hand fix).
-    """
-    import smplx
-
-    layer = smplx.MANO(
-        str(mano_file),
-        is_rhand=side == "right",
-        use_pca=False,
-        flat_hand_mean=flat_hand_mean,
-        dtype=torch.float64,
-    )
-    if flip_shapedirs:
-        with torch.no_grad():
-            layer.shapedirs[:, 0, :] *= -1
-    t = {k: torch.as_tensor(np.asarray(v, np.float64)) for k, v in params.items()}
-    with torch.no_grad():
-        out = layer(
-            global_orient=t["global_orient"],
-            hand_pose=t["hand_pose"],
-            betas=t["betas"],
-            transl=t.get("transl"),
-        )
-    v = out.vertices.numpy()
-    j16 = out.joints.numpy()[:, :16]
-    return np.concatenate([j16, v[:, list(tips)]], axis=1), v
-
-
-def random_hand_params(T: int, seed: int, wrist: np.ndarray) -> dict[str, np.ndarray]:
-    """Smooth MANO parameters: global_orient (T, 3), hand_pose (T, 45), betas (T, 10), transl (T, 3)."""
-    rng = np.random.default_rng(seed)
-    s = np.linspace(0.0, 1.0, T)[:, None]
-    a0, a1 = rng.normal(size=3) * 0.8, rng.normal(size=3) * 0.8
-    p0, p1 = rng.normal(size=45) * 0.25, rng.normal(size=45) * 0.25
-    betas = np.tile(rng.normal(size=10) * 0.5, (T, 1))
-    transl = np.asarray(wrist, float) + s * rng.normal(size=3) * 0.05
-    return {
-        "global_orient": a0 + s * (a1 - a0),
-        "hand_pose": p0 + s * (p1 - p0),
-        "betas": betas,
-        "transl": transl,
-    }
-
-
-def noise_image(h: int, w: int, seed: int) -> np.ndarray:
-    """(h, w, 3) uint8 gradient plus noise (never a blank frame)."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([xx * 255 // max(w - 1, 1), yy * 255 // max(h - 1, 1), (xx + yy) % 256], axis=-1)
-    return np.clip(base + rng.integers(-20, 20, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
-def project(K: np.ndarray, R: np.ndarray, t: np.ndarray, pts: np.ndarray) -> np.ndarray:
-    """(N, 2) pixels of world points (N, 3) seen by world → camera (R, t)."""
-    p = pts @ R.T + t
-    return (p @ K.T)[:, :2] / p[:, 2:3]
-
-
-# ---------------------------------------------------------------------------- ARCTIC
 
 
 def _npy_dict(path: Path, obj: dict) -> None:
@@ -193,8 +101,6 @@ def build_arctic(root: Path, images: bool = True) -> dict:
     mesh.parent.mkdir(parents=True, exist_ok=True)
     mesh.write_text("".join(f"v {a} {b} {c}\n" for a, b, c in corners) + "f 1 2 3\n")
     centre_m = (box_min + box_max) / 2000.0
-    from scipy.spatial.transform import Rotation
-
     centres = Rotation.from_rotvec(obj[:, 1:4].astype(float)).apply(centre_m) + obj[:, 4:7] / 1000.0
     misc = {
         SUBJECT: {
@@ -219,7 +125,7 @@ def build_arctic(root: Path, images: bool = True) -> dict:
     cam = {f"joints.{side}": np.zeros((T, views, 21, 3), np.float32) for side in hands}
     for side in hands:
         for k in range(T):
-            j2d[f"joints.{side}"][k, 0] = project(K_EGO, R[k], t[k], joints_arctic[side][k])
+            j2d[f"joints.{side}"][k, 0] = project_world(K_EGO, R[k], t[k], joints_arctic[side][k])
             cam[f"joints.{side}"][k, 0] = joints_arctic[side][k] @ R[k].T + t[k]
     processed = {
         "world_coord": {f"joints.{side}": joints_arctic[side].astype(np.float32) for side in hands},

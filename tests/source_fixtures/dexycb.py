@@ -13,20 +13,25 @@ Layout written (one subject, one sequence, two cameras, `num_frames` frames):
 
 The hand is posed with the dex-ycb-toolkit convention (45 PCA comps, flat_hand_mean False, manopth
 fingertips, translation added last) in each camera's frame; `joint_2d` is the K-projection of `joint_3d`;
-frames in `absent` have no hand (pose_m zero, joints −1). The helpers `write_mano_files`, `pose_mano` and
-`render_rgbd` are shared by the other builders of this package.
+frames in `absent` have no hand (pose_m zero, joints −1).
 """
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import numpy as np
 import PIL.Image
-import torch
 import yaml
 from scipy.spatial.transform import Rotation
+
+from tests.source_fixtures._common import (
+    pose_mano,
+    project_cam,
+    render_rgbd,
+    write_depth_mm,
+    write_mano_files,
+)
 
 SUBJECT, SEQUENCE = "20200709-subject-01", "20200709_141754"
 SERIALS = ("836212060125", "839512060362")
@@ -36,89 +41,8 @@ INTRINSICS = {  # fx, fy, ppx, ppy of each colour camera at 640x480
 }
 YCB_IDS = (5, 14)  # mustard bottle, mug
 HW = (480, 640)
-
-
-def write_mano_files(folder: Path) -> Path:
-    """Synthetic MANO_RIGHT.pkl / MANO_LEFT.pkl (the test_mano builder) in `folder`."""
-    from tests.test_mano import make_synthetic_mano
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for side, seed in (("right", 1), ("left", 2)):
-        with open(folder / f"MANO_{side.upper()}.pkl", "wb") as fh:
-            pickle.dump(make_synthetic_mano(side, seed=seed), fh, protocol=2)
-    return folder
-
-
-def pose_mano(mano_dir: Path, side: str, global_orient, hand_pose, betas, transl, **layer_kw) -> np.ndarray:
-    """(T, 21, 3) joints of the synthetic MANO hand; layer_kw go to `ManoLayer` (pca, flat mean, tips)."""
-    from hand3d_dataset.mano import ManoLayer
-
-    layer = ManoLayer(mano_dir / f"MANO_{side.upper()}.pkl", side=side, **layer_kw).double()
-    with torch.no_grad():
-        return layer.forward_joints(
-            *(torch.as_tensor(np.asarray(a, float)) for a in (global_orient, hand_pose, betas, transl))
-        ).numpy()
-
-
-def render_rgbd(K, hw, blobs, background_z: float = 0.9, seed: int = 0):
-    """A simple RGB-D image of spheres in front of a textured wall.
-
-    blobs: list of (points_cam (P, 3) metres, radius metres, rgb, seg id); each point is a disc of its
-    projected radius at its depth, nearest wins. Returns rgb (H, W, 3) uint8, depth (H, W) metres and
-    seg (H, W) uint8 (0 = wall).
-    """
-    h, w = hw
-    rng = np.random.default_rng(seed)
-    # 16-pixel blocks of grey noise: not blank, and cheap to encode as PNG
-    noise = np.kron(rng.integers(60, 120, (h // 16 + 1, w // 16 + 1)), np.ones((16, 16), int))[:h, :w]
-    rgb = np.repeat(noise[..., None], 3, axis=2).astype(np.uint8)
-    depth = np.full((h, w), background_z)
-    seg = np.zeros((h, w), np.uint8)
-    for points, radius, colour, sid in blobs:
-        for p in np.asarray(points, float).reshape(-1, 3):
-            if not np.isfinite(p).all() or p[2] <= 0.05:
-                continue
-            cu, cv = K[0, 0] * p[0] / p[2] + K[0, 2], K[1, 1] * p[1] / p[2] + K[1, 2]
-            r = K[0, 0] * radius / p[2]
-            u0, u1 = max(0, int(cu - r - 1)), min(w, int(cu + r + 2))
-            v0, v1 = max(0, int(cv - r - 1)), min(h, int(cv + r + 2))
-            if u0 >= u1 or v0 >= v1:
-                continue
-            v, u = np.mgrid[v0:v1, u0:u1]
-            win = (slice(v0, v1), slice(u0, u1))
-            disc = ((u - cu) ** 2 + (v - cv) ** 2 <= r * r) & (p[2] < depth[win])
-            depth[win][disc], rgb[win][disc], seg[win][disc] = p[2], colour, sid
-    return rgb, depth, seg
-
-
-def project(K, points):
-    """(..., 2) pixels of camera-frame points (..., 3): the pinhole the datasets document."""
-    p = np.asarray(points, float)
-    return np.stack(
-        [K[0, 0] * p[..., 0] / p[..., 2] + K[0, 2], K[1, 1] * p[..., 1] / p[..., 2] + K[1, 2]], -1
-    )
-
-
-def write_depth_mm(path: Path, depth_m) -> None:
-    PIL.Image.fromarray(np.round(np.nan_to_num(depth_m) * 1000).astype(np.uint16)).save(path)
-
-
-def save_tiny_detector(folder: Path) -> Path:
-    """A tiny random GroundingDINO (model + processor) saved where `--detector grounding-dino:<folder>` reads it."""
-    from tests.test_estimators import tiny_grounding_dino
-
-    model, processor = tiny_grounding_dino(folder)
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-    return folder
-
-
-def save_tiny_depth_model(folder: Path) -> Path:
-    """A tiny random metric DepthAnything saved where `--estimator depth-anything:<folder>` reads it."""
-    from tests.test_estimators import tiny_depth_anything
-
-    tiny_depth_anything("metric").save_pretrained(folder)
-    return folder
+# dex-ycb-toolkit's MANOLayer: 45 PCA components, the mean pose added, manopth fingertips
+TOOLKIT_MANO = {"use_pca": True, "num_pca_comps": 45, "flat_hand_mean": False, "fingertips": "manopth"}
 
 
 def build_dexycb(root: Path, mano_dir: Path, num_frames: int = 61, absent=(30,), seed: int = 0) -> dict:
@@ -178,46 +102,14 @@ def build_dexycb(root: Path, mano_dir: Path, num_frames: int = 61, absent=(30,),
         # pose the hand in this camera: rotate the global orientation, move the translation so that the
         # root joint (MANO rotates about it) lands where the camera sees it
         orient_c = (Rotation.from_matrix(Rc) * Rotation.from_rotvec(orient_m)).as_rotvec()
-        root_m = pose_mano(
-            mano_dir,
-            "right",
-            orient_m,
-            pca,
-            np.tile(betas, (num_frames, 1)),
-            transl_m,
-            use_pca=True,
-            num_pca_comps=45,
-            flat_hand_mean=False,
-            fingertips="manopth",
-        )[:, 0]
-        zero = pose_mano(
-            mano_dir,
-            "right",
-            orient_m,
-            pca,
-            np.tile(betas, (num_frames, 1)),
-            0 * transl_m,
-            use_pca=True,
-            num_pca_comps=45,
-            flat_hand_mean=False,
-            fingertips="manopth",
-        )[:, 0]
+        betas_t = np.tile(betas, (num_frames, 1))
+        root_m = pose_mano(mano_dir, "right", orient_m, pca, betas_t, transl_m, **TOOLKIT_MANO)[:, 0]
+        zero = pose_mano(mano_dir, "right", orient_m, pca, betas_t, 0 * transl_m, **TOOLKIT_MANO)[:, 0]
         transl_c = root_m @ Rc.T + tc - zero  # the rest root is unmoved by the global rotation
-        joints = pose_mano(
-            mano_dir,
-            "right",
-            orient_c,
-            pca,
-            np.tile(betas, (num_frames, 1)),
-            transl_c,
-            use_pca=True,
-            num_pca_comps=45,
-            flat_hand_mean=False,
-            fingertips="manopth",
-        )
+        joints = pose_mano(mano_dir, "right", orient_c, pca, betas_t, transl_c, **TOOLKIT_MANO)
         pose_m = np.hstack([orient_c, pca, transl_c])
         objects = objects_m @ Rc.T + tc
-        uv = project(K, joints)
+        uv = project_cam(K, joints)
         assert (uv > 0).all() and (uv[..., 0] < HW[1]).all() and (uv[..., 1] < HW[0]).all(), (
             "hand leaves the view"
         )

@@ -17,11 +17,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import av
 import h5py
 import numpy as np
 
-from tests.source_fixtures.dexycb import pose_mano, render_rgbd, write_mano_files
+from tests.source_fixtures._common import (
+    camera_to_world,
+    look_at,
+    pose_mano,
+    render_rgbd,
+    write_mano_files,
+    write_video,
+)
 
 PART, TASK = "part1", "add_remove_lid"
 K = np.array([[736.6339, 0.0, 960.0], [0.0, 736.6339, 540.0], [0.0, 0.0, 1.0]])
@@ -31,15 +37,9 @@ DESCRIPTION = "Remove the lid from the pot."
 
 
 def gl_look_at(centre, target, up=(0.0, 1.0, 0.0)) -> np.ndarray:
-    """4×4 camera→world of an ARKit/OpenGL camera (looks down −z, y up) at `centre` facing `target`."""
-    f = np.asarray(target, float) - centre
-    z = -f / np.linalg.norm(f)
-    x = np.cross(up, z)
-    x /= np.linalg.norm(x)
-    T = np.eye(4)
-    T[:3, :3] = np.column_stack([x, np.cross(z, x), z])
-    T[:3, 3] = centre
-    return T
+    """4×4 camera→world of an ARKit/OpenGL camera (looks down −z, y up) at `centre` facing `target`: the
+    OpenCV camera there with its y and z axes negated."""
+    return camera_to_world(*look_at(centre, target, up)) @ np.diag([1.0, -1.0, -1.0, 1.0])
 
 
 def project_gl(T_wc, X) -> np.ndarray:
@@ -69,16 +69,9 @@ def _poses(p: np.ndarray) -> np.ndarray:
     return T.astype(np.float32)
 
 
-def write_mp4(path: Path, frames, fps: int = 30) -> None:
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "yuv420p"
-        s.options = {"qscale": "3"}
-        for img in frames:
-            for pkt in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
-                c.mux(pkt)
-        for pkt in s.encode():
-            c.mux(pkt)
+def write_mp4(path: Path, frames) -> None:
+    """The episode's MP4 (MPEG-4 part 2 at 30 fps: quick to encode at 1920×1080)."""
+    write_video(path, frames, "mpeg4", options={"qscale": "3"})
 
 
 def build_egodex(

@@ -18,7 +18,7 @@ import numpy as np
 import PIL.Image
 from scipy.spatial.transform import Rotation
 
-from tests.source_fixtures.dexycb import pose_mano, render_rgbd, write_depth_mm, write_mano_files
+from tests.source_fixtures._common import pose_mano, render_rgbd, write_depth_mm, write_mano_files
 
 REL = ("Subject_1", "put_salt", "1")
 # README: RGB intrinsics, depth intrinsics, depth → colour extrinsic (t in mm)

@@ -19,7 +19,14 @@ import numpy as np
 import PIL.Image
 from scipy.spatial.transform import Rotation
 
-from tests.source_fixtures.dexycb import pose_mano, render_rgbd, write_depth_mm, write_mano_files
+from tests.source_fixtures._common import (
+    camera_to_world,
+    look_at,
+    pose_mano,
+    render_rgbd,
+    write_depth_mm,
+    write_mano_files,
+)
 
 SEQ = ("subject1", "h1", "0")
 INTRINSICS = {"cam4": (636.6593, 636.2520, 635.2839, 366.8740), "cam0": (612.3, 611.9, 640.8, 361.2)}
@@ -29,16 +36,9 @@ ACTION = 23  # pour milk
 VERB = 5  # pour
 
 
-def look_at(centre, target, down=(0.0, 1.0, 0.0)) -> np.ndarray:
-    """4×4 camera→world of an OpenCV camera at `centre` looking at `target`, image y along world `down`."""
-    z = np.asarray(target, float) - centre
-    z /= np.linalg.norm(z)
-    x = np.cross(down, z)
-    x /= np.linalg.norm(x)
-    T = np.eye(4)
-    T[:3, :3] = np.column_stack([x, np.cross(z, x), z])
-    T[:3, 3] = centre
-    return T
+def camera_pose(centre, target) -> np.ndarray:
+    """4×4 camera→world of an OpenCV camera at `centre` looking at `target`, image y along world +y."""
+    return camera_to_world(*look_at(centre, target, up=(0.0, -1.0, 0.0)))
 
 
 def _write(path: Path, values) -> None:
@@ -61,10 +61,13 @@ def build_h2o(root: Path, mano_dir: Path, num_frames: int = 31, absent_left: int
     s = np.linspace(0, 1, num_frames)
     T_wc = {
         "cam4": np.stack(
-            [look_at(np.array([0.02 * si, -0.05, 0.0]), np.array([0.0, 0.02 + 0.03 * si, 0.5])) for si in s]
+            [
+                camera_pose(np.array([0.02 * si, -0.05, 0.0]), np.array([0.0, 0.02 + 0.03 * si, 0.5]))
+                for si in s
+            ]
         ),
         "cam0": np.tile(
-            look_at(np.array([0.45, -0.25, 0.35]), np.array([0.0, 0.0, 0.5])), (num_frames, 1, 1)
+            camera_pose(np.array([0.45, -0.25, 0.35]), np.array([0.0, 0.0, 0.5])), (num_frames, 1, 1)
         ),
     }
     layer_kw = {"use_pca": False, "flat_hand_mean": True, "fingertips": "manopth"}

@@ -21,9 +21,9 @@ import PIL.Image
 import torch
 from scipy.spatial.transform import Rotation
 
-from tests.source_fixtures.arctic import (
+from tests.source_fixtures._common import (
     noise_image,
-    project,
+    project_world,
     random_hand_params,
     smplx_hand,
     write_mano_files,
@@ -68,7 +68,7 @@ def build_hawor(root: Path, images: bool = True) -> dict:
         mano_file = (left_dir if side == "left" else mano) / f"MANO_{side.upper()}.pkl"
         j, _ = smplx_hand(mano_file, side, p, flat_hand_mean=True, flip_shapedirs=side == "left")
         params[side], joints[side] = p, j
-        uv[side] = np.stack([project(K, R_c2w[k].T, -R_c2w[k].T @ t_c2w[k], j[k]) for k in range(T)])
+        uv[side] = np.stack([project_world(K, R_c2w[k].T, -R_c2w[k].T @ t_c2w[k], j[k]) for k in range(T)])
     order = ("left", "right")  # hand 0 = left, 1 = right
     valid = np.ones((2, T), bool)
     valid[0, list(LEFT_INVALID)] = False

@@ -18,22 +18,22 @@ from pathlib import Path
 import numpy as np
 from scipy.spatial.transform import Rotation
 
-from tests.source_fixtures.arctic import (
+from tests.source_fixtures._common import (
+    MANO21_TO_OPENPOSE,
     MANOPTH_TIPS,
     noise_image,
+    project_cam,
     random_hand_params,
     smplx_hand,
     write_mano_files,
+    write_video,
 )
-from tests.source_fixtures.taco import write_video
 
 VID = "ZY20210800001/H1/C2/N19/S100/s02/T2"  # C2 mug, T2 "Put it in the drawer"
 NUM_FRAMES = 300
 IMAGE_HW = (120, 212)
 K = np.array([[160.0, 0.0, 105.0], [0.0, 160.0, 61.0], [0.0, 0.0, 1.0]])
 LEFT_FRAMES = range(100, 200)
-# MANO's 16 joints + 5 tips → manopth's output order (= OpenPose), written out for the fixture
-MANO21_TO_MANOPTH = [0, 13, 14, 15, 16, 1, 2, 3, 17, 4, 5, 6, 18, 10, 11, 12, 19, 7, 8, 9, 20]
 
 
 def camera_poses(T: int) -> np.ndarray:
@@ -70,8 +70,9 @@ def build_hoi4d(root: Path, videos: bool = True) -> dict:
             True,
             MANOPTH_TIPS,
         )
-        cam = j[:, MANO21_TO_MANOPTH] + p["transl"][:, None]  # README: joints / 1000 + trans (metres here)
-        uv = (cam @ K.T)[..., :2] / cam[..., 2:3]
+        # manopth's output order is OpenPose; README: joints / 1000 + trans (metres here)
+        cam = j[:, MANO21_TO_OPENPOSE] + p["transl"][:, None]
+        uv = project_cam(K, cam)
         folder = root / "handpose" / f"refinehandpose_{side}" / VID
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(T) if side == "right" else LEFT_FRAMES:

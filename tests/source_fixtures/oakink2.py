@@ -19,11 +19,11 @@ import PIL.Image
 import torch
 from scipy.spatial.transform import Rotation
 
-from tests.source_fixtures.arctic import (
+from tests.source_fixtures._common import (
     MANOPTH_TIPS,
     look_at,
     noise_image,
-    project,
+    project_world,
     smplx_hand,
     write_mano_files,
 )
@@ -146,7 +146,7 @@ def build_oakink2(base: Path, images: bool = True) -> dict:
     uv = {
         side: np.stack(
             [
-                project(
+                project_world(
                     K_EGO,
                     cam_extr["egocentric"][f][:3, :3],
                     cam_extr["egocentric"][f][:3, 3],

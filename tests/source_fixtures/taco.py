@@ -17,14 +17,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tests.source_fixtures.arctic import (
+from tests.source_fixtures._common import (
     MANOPTH_TIPS,
     look_at,
     noise_image,
-    project,
+    project_world,
     random_hand_params,
     smplx_hand,
     write_mano_files,
+    write_video,
 )
 
 TRIPLET = "(stir, spoon, bowl)"
@@ -34,24 +35,6 @@ NUM_FRAMES = 61
 IMAGE_HW = (120, 212)  # TACO's videos are 1080 × 1920
 K = np.array([[140.0, 0.0, 106.0], [0.0, 140.0, 60.0], [0.0, 0.0, 1.0]])
 DEPTH_UNITS = 4000.0  # per metre
-
-
-def write_video(path: Path, frames: np.ndarray, codec: str, fps: int = 30) -> None:
-    """Encodes (T, H, W, 3) uint8 RGB (or (T, H, W) uint16 for codec 'ffv1') with PyAV."""
-    import av
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    gray = frames.ndim == 3
-    with av.open(str(path), "w") as c:
-        s = c.add_stream(codec, rate=fps)
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt = "gray16le" if gray else "yuv420p"
-        for f in frames:
-            vf = av.VideoFrame.from_ndarray(f, format="gray16le" if gray else "rgb24")
-            for p in s.encode(vf):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
 
 
 def build_taco(root: Path, videos: bool = True) -> dict:
@@ -123,7 +106,9 @@ def build_taco(root: Path, videos: bool = True) -> dict:
         depth[:, :, :20] = 0  # no return on the left edge
         write_video(root / "Egocentric_Depth_Videos" / TRIPLET / SEQ / "egocentric_depth.avi", depth, "ffv1")
     uv = {
-        side: np.stack([project(K, extr[k, :3, :3], extr[k, :3, 3], truth_joints[side][k]) for k in range(T)])
+        side: np.stack(
+            [project_world(K, extr[k, :3, :3], extr[k, :3, 3], truth_joints[side][k]) for k in range(T)]
+        )
         for side in truth_joints
     }
     return {
