@@ -18,7 +18,7 @@ The machine is shared: the load average is printed before and after, and ratios 
 
 Usage:
 
-    python benchmarks/bench_robot_data.py                         # 2 workers, 24 episodes x 100 frames
+    python benchmarks/bench_robot_data.py                         # 2 workers, 24 x 100 frames, and x16 in one file
     python benchmarks/bench_robot_data.py --workers 0 1 2 --episodes 40 --data /tmp/robot_bench
 """
 
@@ -72,6 +72,71 @@ def build(root: Path, episodes: int, length: int, size: int) -> None:
             writer.add_frame(frame, task=f"task {e % 4}")
         writer.save_episode()
     writer.finalize()
+
+
+def replicate(src: Path, dst: Path, k: int) -> None:
+    """`src` with its episodes repeated k times in the same files: videos stream-copied k times into one MP4
+    per camera (no re-encoding), data rows and episode metadata shifted accordingly. Gives LeRobot-sized
+    files (LeRobot fills a video file up to 200 MB, tens of thousands of frames at 256 x 256) without
+    encoding them."""
+    import json
+    import shutil
+
+    import av
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    info = json.loads((src / "meta/info.json").read_text())
+    n_eps, n_frames = info["total_episodes"], info["total_frames"]
+    (dst / "meta/episodes/chunk-000").mkdir(parents=True)
+    (dst / "data/chunk-000").mkdir(parents=True)
+    shutil.copy(src / "meta/tasks.parquet", dst / "meta/tasks.parquet")
+    shutil.copy(src / "meta/stats.json", dst / "meta/stats.json")
+    data = pq.read_table(src / "data/chunk-000/file-000.parquet")
+    copies = []
+    for j in range(k):
+        t = data.set_column(
+            data.column_names.index("episode_index"),
+            "episode_index",
+            pc.add(data["episode_index"], j * n_eps),
+        )
+        copies.append(t.set_column(t.column_names.index("index"), "index", pc.add(t["index"], j * n_frames)))
+    pq.write_table(pa.concat_tables(copies), dst / "data/chunk-000/file-000.parquet")
+    rows = pq.read_table(src / "meta/episodes/chunk-000/file-000.parquet").to_pylist()
+    cams = [key for key, f in info["features"].items() if f["dtype"] == "video"]
+    span = {c: rows[-1][f"videos/{c}/to_timestamp"] for c in cams}
+    out = []
+    for j in range(k):
+        for r in rows:
+            r = dict(r, episode_index=r["episode_index"] + j * n_eps)
+            r["dataset_from_index"] += j * n_frames
+            r["dataset_to_index"] += j * n_frames
+            for c in cams:
+                r[f"videos/{c}/from_timestamp"] += j * span[c]
+                r[f"videos/{c}/to_timestamp"] += j * span[c]
+            out.append(r)
+    pq.write_table(pa.Table.from_pylist(out), dst / "meta/episodes/chunk-000/file-000.parquet")
+    for c in cams:
+        source = src / f"videos/{c}/chunk-000/file-000.mp4"
+        target = dst / f"videos/{c}/chunk-000/file-000.mp4"
+        target.parent.mkdir(parents=True)
+        listing = dst / "list.ffconcat"
+        listing.write_text("ffconcat version 1.0\n" + f"file '{source.resolve()}'\n" * k)
+        with (
+            av.open(str(listing), format="concat", options={"safe": "0"}) as i,
+            av.open(str(target), "w") as o,
+        ):
+            istream = i.streams.video[0]
+            ostream = o.add_stream_from_template(template=istream, opaque=True)
+            ostream.time_base = istream.time_base
+            for packet in i.demux(istream):
+                if packet.dts is not None:
+                    packet.stream = ostream
+                    o.mux(packet)
+        listing.unlink()
+    info.update(total_episodes=n_eps * k, total_frames=n_frames * k, splits={"train": f"0:{n_eps * k}"})
+    (dst / "meta/info.json").write_text(json.dumps(info, indent=4))
 
 
 class NaiveSeekDataset(torch.utils.data.Dataset):
@@ -147,6 +212,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[2])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--baseline-samples", type=int, default=640)
+    parser.add_argument("--reader-samples", type=int, default=4800)
+    parser.add_argument(
+        "--replicate", type=int, default=16, help="also time a file with the episodes x N (1: off)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     tmp = None
@@ -160,40 +229,46 @@ def main() -> None:
         print(
             f"recorded {args.episodes} x {args.length} frames, 2 views {args.size}^2 AV1 in {time.perf_counter() - t0:.1f} s"
         )
+    roots = [("one file of", root)]
+    if args.replicate > 1:
+        big = root.parent / f"{root.name}_x{args.replicate}"
+        if not (big / "meta" / "info.json").exists():
+            replicate(root, big, args.replicate)
+        roots.append(("one file of", big))
     load_before = os.getloadavg()
-    ds = LeRobotV3Dataset(root, action_horizon=16)
-    single = LeRobotV3Dataset(root, action_horizon=16, decode_block_frames=1, check_videos=False)
-    n = len(ds)
-    grouped = list(EpisodeGroupedSampler(ds, blocks_in_flight=8, seed=0))
     print(
         f"machine: {os.cpu_count()} cores, load average before {load_before[0]:.2f} / {load_before[1]:.2f} (1 / 5 min)"
     )
-    print(f"dataset: {n} frames, {len(ds.episode_ranges)} episodes, views {ds.camera_keys}")
     print()
-    print("| workers | loader | frames/s | samples timed | x baseline |")
-    print("|---|---|---|---|---|")
-    for w in args.workers:
-        base, nb = run(
-            NaiveSeekDataset(ds),
-            Subset(grouped[: args.baseline_samples]),
-            w,
-            args.batch_size,
-            args.baseline_samples,
-        )
-        streams = EpisodeGroupedSampler(
-            ds, blocks_in_flight=8, seed=0, batch_size=args.batch_size, num_streams=max(w, 1)
-        )
-        fast, nf = run(ds, streams, w, args.batch_size, n)
-        plain, npl = run(
-            single,
-            torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0)),
-            w,
-            args.batch_size,
-            args.baseline_samples,
-        )
-        print(f"| {w} | baseline: per-sample seek + decode | {base:,.0f} | {nb} | 1.0 |")
-        print(f"| {w} | reader, EpisodeGroupedSampler | {fast:,.0f} | {nf} | {fast / base:.1f} |")
-        print(f"| {w} | reader, plain shuffle, 1-frame blocks | {plain:,.0f} | {npl} | {plain / base:.1f} |")
+    print("| video file | workers | loader | frames/s | samples timed | x baseline |")
+    print("|---|---|---|---|---|---|")
+    for label, path in roots:
+        ds = LeRobotV3Dataset(path, action_horizon=16)
+        single = LeRobotV3Dataset(path, action_horizon=16, decode_block_frames=1, check_videos=False)
+        n = min(len(ds), args.reader_samples)
+        grouped = list(EpisodeGroupedSampler(ds, blocks_in_flight=8, seed=0))
+        where = f"{label} {len(ds):,} frames"
+        for w in args.workers:
+            base, nb = run(
+                NaiveSeekDataset(ds),
+                Subset(grouped[: args.baseline_samples]),
+                w,
+                args.batch_size,
+                args.baseline_samples,
+            )
+            streams = EpisodeGroupedSampler(
+                ds, blocks_in_flight=8, seed=0, batch_size=args.batch_size, num_streams=max(w, 1)
+            )
+            fast, nf = run(ds, streams, w, args.batch_size, n)
+            shuffle = torch.utils.data.RandomSampler(ds, generator=torch.Generator().manual_seed(0))
+            plain, npl = run(single, shuffle, w, args.batch_size, args.baseline_samples)
+            print(f"| {where} | {w} | baseline: per-sample seek + decode | {base:,.0f} | {nb} | 1.0 |")
+            print(
+                f"| {where} | {w} | reader, EpisodeGroupedSampler | {fast:,.0f} | {nf} | {fast / base:.1f} |"
+            )
+            print(
+                f"| {where} | {w} | reader, plain shuffle, 1-frame blocks | {plain:,.0f} | {npl} | {plain / base:.1f} |"
+            )
     load_after = os.getloadavg()
     print()
     print(
