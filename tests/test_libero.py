@@ -159,16 +159,13 @@ class _Recorder:
         return self.policy.predict_action_chunk(observation)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    """A tiny stage-3 checkpoint on a LIBERO-shaped dataset (two cameras, 8-D state, 7-D actions), served."""
-    from evaluation.policy import VipaPolicy
-    from evaluation.server import PolicyServer
+def build_libero_checkpoint(root: Path) -> Path:
+    """A tiny stage-3 checkpoint (`root/ckpt`) on a LIBERO-shaped dataset: the agent view and the wrist as
+    `observation.images.image` / `image2`, 8-D state, 7-D actions (one training step: only the shapes matter)."""
     from tests.tiny_assets import build_tiny_model, build_tiny_processor
     from training.lerobot_dataset import LeRobotV3Writer
     from training.stage3 import load_stage3_recipe, train_stage3
 
-    root = tmp_path_factory.mktemp("libero")
     features = {
         "observation.images.image": {"dtype": "image", "shape": [32, 32, 3], "names": None},
         "observation.images.image2": {"dtype": "image", "shape": [32, 32, 3], "names": None},
@@ -196,7 +193,17 @@ def served(tmp_path_factory):
     train_stage3(
         root / "init", root / "libero", root / "ckpt", recipe=load_stage3_recipe("cpu-tiny", max_steps=1)
     )
-    recorder = _Recorder(VipaPolicy.from_pretrained(root / "ckpt", device="cpu", noise_seed=0))
+    return root / "ckpt"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """The tiny LIBERO-shaped checkpoint behind `vipa-serve`'s server on loopback, recording what it receives."""
+    from evaluation.policy import VipaPolicy
+    from evaluation.server import PolicyServer
+
+    root = build_libero_checkpoint(tmp_path_factory.mktemp("libero"))
+    recorder = _Recorder(VipaPolicy.from_pretrained(root, device="cpu", noise_seed=0))
     server = PolicyServer(recorder, host="127.0.0.1", port=0).start()
     yield recorder, server
     server.stop()

@@ -96,7 +96,7 @@ class LiberoConfig:
     )
     max_steps: int | None = None  # episode cap; None: the suite's (spatial/object 280, goal 300, long 520)
     settle_steps: int = SETTLE_STEPS  # no-op steps after the initial state is set, not counted
-    fast_render: bool = True  # MuJoCo shadows off (same scene; ~3.4x faster rendering on a CPU)
+    fast_render: bool = True  # MuJoCo shadows off (same scene and cameras)
     python: str | None = None  # LIBERO's interpreter; None: $VIPA_LIBERO_PYTHON or .venv-libero/bin/python
     backend: str = (
         "auto"  # "process" (worker), "inline" (this interpreter), "auto": inline when libero imports

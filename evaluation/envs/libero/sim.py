@@ -24,7 +24,9 @@ Conventions (LeRobot's `LiberoEnv` + `LiberoProcessorStep`, which match openpi's
 
 Rendering: `fast_render` (default) turns MuJoCo's shadows off in robosuite's offscreen context
 (`scn.flags[mjRND_SHADOW] = 0`, set again after each hard reset, which makes a new context): same scene and
-cameras, ~3.4x faster on a CPU (llvmpipe); pass `fast_render=False` for the exact look of the datasets' frames.
+cameras. On this project's 2-core llvmpipe machine it made no measurable difference (1.25 against 1.30 steps/s,
+benchmarks/bench_libero.py), unlike Meta-World's 4096^2 shadow map; what a reset saves is rendering: the cameras
+are off during the settle steps.
 """
 
 from __future__ import annotations
