@@ -545,7 +545,8 @@ class LeRobotV3Dataset(torch.utils.data.Dataset):
         by_file: dict[Path, list[dict]] = {}
         for ep in episodes:
             if int(ep["length"]) == 0:
-                self._skip(int(ep["episode_index"]), "empty_episode", "length 0 in meta/episodes")
+                e = int(ep["episode_index"])
+                self._skip(e, "empty_episode", f"{self.root / 'meta' / 'episodes'}: episode {e} has length 0")
                 continue
             by_file.setdefault(self.meta.data_path(ep), []).append(ep)
         probes: dict[Path, dict | str] = {}
