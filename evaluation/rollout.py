@@ -413,7 +413,7 @@ def run_episode(
     record: dict[str, Any] = {
         "task": env.task, "group": group, "episode": episode, "seed": int(seed), "steps": 0, "success": False,
         "success_step": None, "reward_sum": 0.0, "reward_max": None, "error": None, "clipped_actions": 0,
-        "seconds": None, "video": None,
+        "seconds": None, "video": None, "instruction": None,
     }  # fmt: skip
     frames: list[np.ndarray] = []
     t0 = time.perf_counter()
@@ -427,6 +427,7 @@ def run_episode(
                 raise
             except Exception as e:  # noqa: BLE001 - any simulator fault is this episode's record
                 raise _EnvFault(f"env_error: reset raised {type(e).__name__}: {e}") from e
+            record["instruction"] = obs.get("task")
             camera = next((k for k in obs if k.startswith("observation.images.")), None)
             if video_path is not None and camera is not None:
                 frames.append(obs[camera])

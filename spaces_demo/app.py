@@ -146,8 +146,7 @@ def checkpoint_status(path: str | os.PathLike) -> dict:
             summary = None
     trained = isinstance(summary, dict)
     if trained:
-        facts = ", ".join(f"{k}: {summary[k]}" for k in list(summary)[:6])
-        message = f"Checkpoint `{path}`: trained ({facts})."
+        message = f"Checkpoint `{path}`: {describe_training(summary, marker)}"
     else:
         message = (
             f"⚠️ **Untrained weights**: `{path}` has no `{TRAINING_MARKER}`, so its answers and "
@@ -155,6 +154,36 @@ def checkpoint_status(path: str | os.PathLike) -> dict:
             "`make demo`."
         )
     return {"path": path, "trained": trained, "summary": summary if trained else None, "message": message}
+
+
+_STAGE_DATA = {1: "Hand3D-visual", 2: "Hand3D-action", 3: "robot demonstrations"}  # what each stage trains on
+
+
+def describe_training(summary: dict, marker: Path | None = None) -> str:
+    """One sentence from a training marker: what was trained (stage, steps, data, recipe, final loss), on what,
+    and when (the marker's `finished` time, else the file's modification time)."""
+    stage = summary.get("stage")
+    what = summary.get("model") or (f"VIPA-VLA after stage {stage}" if stage else "a trained checkpoint")
+    data = summary.get("dataset") or summary.get("data") or _STAGE_DATA.get(stage)
+    parts = []
+    if stage is not None and summary.get("steps") is not None:
+        parts.append(
+            f"stage {stage} ran {summary['steps']} optimiser steps" + (f" on {data}" if data else "")
+        )
+    elif data:
+        parts.append(f"trained on {data}")
+    if summary.get("recipe") and isinstance(summary["recipe"], str):
+        parts.append(f"recipe {summary['recipe']}")
+    loss = summary.get("final_loss", summary.get("loss_last"))
+    if isinstance(loss, (int, float)):
+        parts.append(f"final loss {loss:.3f}")
+    if summary.get("built_on_stand_ins") or summary.get("stand_in"):
+        parts.append("built on CPU stand-ins of InternVL and CUT3R (not the paper's weights)")
+    when = summary.get("finished")
+    if not when and marker is not None and marker.is_file():
+        when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(marker.stat().st_mtime))
+    sentence = f"{what}, trained" + (": " + ", ".join(parts) if parts else "")
+    return sentence + (f"; finished {when}." if when else ".")
 
 
 def load_checkpoint(path: str | os.PathLike) -> tuple[Any, Any, dict]:
@@ -497,6 +526,75 @@ def trajectory_figure(xyz: np.ndarray, gt: np.ndarray | None = None) -> go.Figur
     return fig
 
 
+ROLLOUTS_ENV = (
+    "VIPA_ROLLOUTS"  # folder of a closed-loop evaluation (vipa-eval --out, or the main job's robot/eval)
+)
+
+
+def default_rollouts_dir(model_path: str | None) -> Path | None:
+    """`VIPA_ROLLOUTS`, else the main job's `robot/eval` beside a local checkpoint folder; None when absent."""
+    env = os.environ.get(ROLLOUTS_ENV)
+    if env:
+        return Path(env)
+    if model_path and Path(model_path).is_dir():
+        guess = Path(model_path).resolve().parent / "robot" / "eval"
+        if (guess / "results.json").is_file():
+            return guess
+    return None
+
+
+def load_rollouts(folder: str | os.PathLike | None) -> dict | None:
+    """The closed-loop evaluation in `folder` (`results.json` and each policy's `summary.json`): {"table",
+    "videos": [{"label", "path", "policy", "task", "instruction", "seed", "success", "steps", "task_rate"}]}, or
+    None when there is none. Damaged or missing files leave out what they held, never fail the Space."""
+    if folder is None or not (Path(folder) / "results.json").is_file():
+        return None
+    try:
+        results = json.loads((Path(folder) / "results.json").read_text())
+    except (OSError, ValueError):
+        return None
+    videos = []
+    for summary_path in sorted(Path(folder).glob("*/summary.json")):
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            continue
+        policy = summary.get("policy", summary_path.parent.name)
+        for r in summary.get("records", []):
+            path = r.get("video")
+            if not path or not Path(path).is_file():
+                continue
+            task_stats = summary.get("per_task", {}).get(r["task"], {})
+            outcome = (
+                f"success in {r['steps']} steps"
+                if r["success"]
+                else (r.get("error") or f"failure ({r['steps']} steps)")
+            )
+            videos.append(
+                {
+                    "label": f"{policy} · {r['task']} · seed {r['seed']} · {outcome}",
+                    "path": str(path), "policy": policy, "task": r["task"], "instruction": r.get("instruction"),
+                    "seed": r["seed"], "success": bool(r["success"]), "steps": r["steps"],
+                    "task_rate": (task_stats.get("successes"), task_stats.get("n")),
+                }
+            )  # fmt: skip
+    order = list(results.get("policies", {}))  # the evaluated policy first, then the references
+    videos.sort(
+        key=lambda v: (order.index(v["policy"]) if v["policy"] in order else len(order), v["task"], v["seed"])
+    )
+    return {"table": results.get("table", ""), "videos": videos, "folder": str(folder)}
+
+
+def _rollout_caption(video: dict) -> str:
+    k, n = video["task_rate"]
+    rate = f"{k}/{n} episodes of this task succeeded for {video['policy']}" if n else ""
+    outcome = "**success**" if video["success"] else "**failure**"
+    return (
+        f'Task `{video["task"]}`: "{video["instruction"] or video["task"]}" · seed {video["seed"]} · {outcome} '
+        f"after {video['steps']} steps. {rate}"
+    )
+
+
 def _banner(status: dict) -> str:
     css_class = "trained" if status["trained"] else "untrained"
     return f'<div id="vipa-model-status" class="{css_class}">\n\n{status["message"]}\n\n</div>'
@@ -509,13 +607,16 @@ def build_app(
     training_summary: dict | None = None,
     examples_dir: str | os.PathLike | None = EXAMPLES_DIR,
     limits: Limits | None = None,
+    rollouts_dir: str | os.PathLike | None = None,
 ) -> gr.Blocks:
     """The Space as a `gr.Blocks` (queue configured; call `.launch()`).
 
     model: a checkpoint path or Hub repo id (default: `VIPA_MODEL`, else `DEFAULT_MODEL`), or a loaded
     `VipaForConditionalGeneration` together with its `processor`; for objects, `training_summary` (what
     `TRAINING_MARKER` holds) marks them trained. Raises `CheckpointNotFoundError` when no checkpoint is there.
+    rollouts_dir: a closed-loop evaluation to play in the "Robot rollouts" tab (default: `default_rollouts_dir`).
     """
+    path = None
     if model is None or isinstance(model, (str, os.PathLike)):
         path = str(model or os.environ.get(MODEL_ENV) or DEFAULT_MODEL)
         model, processor, status = load_checkpoint(path)
@@ -531,6 +632,9 @@ def build_app(
     visual = [(ex.label, ex.id) for ex in examples if ex.kind == "visual"]
     action = [(ex.label, ex.id) for ex in examples if ex.kind == "action"]
     none_choice = [("(none: use my upload)", "")]
+    # the first visit opens on a test example, so the first click on Ask answers something
+    first_visual = demo._by_id[visual[0][1]] if visual else None
+    rollouts = load_rollouts(rollouts_dir if rollouts_dir is not None else default_rollouts_dir(path))
 
     with gr.Blocks(
         title="VIPA-VLA: spatial QA and 3D trajectories",
@@ -554,13 +658,28 @@ def build_app(
                         type="filepath",
                         elem_id="qa-frames",
                     )
-                    qa_example = gr.Dropdown(none_choice + visual, value="", label="Or a Hand3D test example")
-                    qa_preview = gr.Gallery(label="Example frames", columns=4, height=160, interactive=False)
+                    qa_example = gr.Dropdown(
+                        none_choice + visual,
+                        value=first_visual.id if first_visual else "",
+                        label="Or a Hand3D test example (uploads are used when none is chosen)",
+                        elem_id="qa-example",
+                    )
+                    qa_preview = gr.Gallery(
+                        value=[str(p) for p in first_visual.images] if first_visual else None,
+                        label="Example frames",
+                        columns=4,
+                        height=160,
+                        interactive=False,
+                    )
                     qa_template = gr.Dropdown(
                         [""] + list(QUESTION_TEMPLATES), value="", label="Question template (category)"
                     )
                     qa_question = gr.Textbox(
-                        label="Question", max_length=lim.max_text_chars, lines=2, elem_id="qa-question"
+                        value=first_visual.question if first_visual else "",
+                        label="Question",
+                        max_length=lim.max_text_chars,
+                        lines=2,
+                        elem_id="qa-question",
                     )
                     qa_button = gr.Button("Ask", variant="primary", elem_id="qa-ask")
                 with gr.Column():
@@ -600,6 +719,41 @@ def build_app(
                         elem_id="traj-overlay",
                     )
                     tr_json = gr.JSON(label="Trajectory (camera frame, metres)", elem_id="traj-json")
+        with gr.Tab("Robot rollouts", id="rollouts"):
+            if rollouts is None:
+                gr.Markdown(
+                    "No closed-loop evaluation here yet. `make demo` runs one (Meta-World: expert "
+                    "demonstrations, stage 3, rollouts on unseen seeds; phases 10-12), and `vipa-eval --policy "
+                    f"CKPT --out DIR` another; serve it with `--rollouts DIR` or ${ROLLOUTS_ENV}."
+                )
+            else:
+                choices = [(v["label"], v["path"]) for v in rollouts["videos"]]
+                first = rollouts["videos"][0] if rollouts["videos"] else None
+                gr.Markdown(
+                    "Closed-loop Meta-World evaluation (cells: successes/episodes, rate, 95 % Wilson interval; "
+                    "every policy meets the same scenes):\n\n```\n" + rollouts["table"] + "\n```",
+                    elem_id="rollout-table",
+                )
+                ro_choice = gr.Dropdown(
+                    choices,
+                    value=first["path"] if first else None,
+                    label="Rollout video",
+                    elem_id="rollout-choice",
+                )
+                ro_video = gr.Video(
+                    value=first["path"] if first else None,
+                    label="Rollout",
+                    interactive=False,
+                    elem_id="rollout-video",
+                )
+                ro_caption = gr.Markdown(_rollout_caption(first) if first else "", elem_id="rollout-caption")
+                by_path = {v["path"]: v for v in rollouts["videos"]}
+                ro_choice.change(
+                    lambda p: (p, _rollout_caption(by_path[p])) if p in by_path else (None, ""),
+                    ro_choice,
+                    [ro_video, ro_caption],
+                    api_visibility="private",
+                )
         gr.Markdown(
             f"Limits: {lim.max_frames} frames, {lim.max_image_side} px a side, {lim.max_file_size} per file, "
             f"{lim.max_text_chars} characters. API: `/spatial_qa`, `/predict_trajectory` (see 'Use via API')."
@@ -610,6 +764,8 @@ def build_app(
             return ([str(p) for p in ex.images], ex.question) if ex else ([], gr.skip())
 
         qa_example.change(show_example, qa_example, [qa_preview, qa_question], api_visibility="private")
+        # an upload means "my frames": the preselected example would otherwise take precedence
+        qa_files.upload(lambda: "", None, qa_example, api_visibility="private")
         qa_template.change(
             lambda k: QUESTION_TEMPLATES.get(k, gr.skip()) if k else gr.skip(),
             qa_template,
@@ -638,6 +794,7 @@ def build_app(
         )
     app.queue(max_size=lim.queue_max_size, default_concurrency_limit=lim.concurrency_limit)
     app.vipa_demo = demo  # for scripts and tests: the predictions without a server
+    app.vipa_rollouts = rollouts  # the closed-loop evaluation the Robot rollouts tab plays (None: none)
     return app
 
 
@@ -658,9 +815,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--examples", default=str(EXAMPLES_DIR), help="folder with examples.json (export_examples)"
     )
+    parser.add_argument(
+        "--rollouts",
+        default=None,
+        help=f"closed-loop evaluation folder to play (default: ${ROLLOUTS_ENV} or the main job's)",
+    )
     args = parser.parse_args(argv)  # fmt: skip
     try:
-        app = build_app(args.model, examples_dir=args.examples)
+        app = build_app(args.model, examples_dir=args.examples, rollouts_dir=args.rollouts)
     except CheckpointNotFoundError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -673,7 +835,8 @@ def main(argv: list[str] | None = None) -> int:
         server_name=args.host,
         server_port=args.port,
         max_file_size=app.vipa_demo.limits.max_file_size,
-        allowed_paths=[str(args.examples)],  # the example frames shown in the gallery
+        # the example frames shown in the gallery, and the rollout videos
+        allowed_paths=[str(args.examples)] + ([app.vipa_rollouts["folder"]] if app.vipa_rollouts else []),
         prevent_thread_lock=True,
         quiet=True,
     )

@@ -311,3 +311,86 @@ def test_load_examples_skips_damaged_entries(tmp_path: Path) -> None:
     assert [ex.id for ex in load_examples(folder)] == ["v0"]
     (folder / "examples.json").write_text("{not json")
     assert load_examples(folder) == [] and load_examples(tmp_path / "absent") == []
+
+
+def test_checkpoint_line_is_a_sentence(tmp_path: Path) -> None:
+    from spaces_demo.app import checkpoint_status
+
+    ckpt = tmp_path / "vipa"
+    ckpt.mkdir()
+    # what the main job writes after stage 2 (its recipe values were printed raw before)
+    marker = {"stage": 2, "recipe": "cpu-tiny", "recipe_values": {"optim": "adamw_torch", "learning_rate": 1e-3},
+              "steps": 300, "loss_first": 3.2, "loss_last": 1.2345, "model": "VIPA-VLA (stages 1-2)",
+              "built_on_stand_ins": True}  # fmt: skip
+    (ckpt / "training_summary.json").write_text(json.dumps(marker))
+    os.utime(ckpt / "training_summary.json", (1_700_000_000, 1_700_000_000))
+    message = checkpoint_status(ckpt)["message"]
+    assert "{" not in message and "recipe_values" not in message and "adamw" not in message, message
+    assert message == (
+        f"Checkpoint `{ckpt}`: VIPA-VLA (stages 1-2), trained: stage 2 ran 300 optimiser steps on Hand3D-action, "
+        "recipe cpu-tiny, final loss 1.234, built on CPU stand-ins of InternVL and CUT3R (not the paper's weights); "
+        "finished 2023-11-14 22:13 UTC."
+    )
+    # what training.common writes (stage 3): dataset and finish time from the marker itself
+    (ckpt / "training_summary.json").write_text(
+        json.dumps(
+            {
+                "stage": 3,
+                "steps": 40,
+                "dataset": "demos/mw",
+                "final_loss": 0.5,
+                "finished": "2026-01-02 03:04 UTC",
+            }
+        )
+    )
+    assert checkpoint_status(ckpt)["message"].endswith(
+        "VIPA-VLA after stage 3, trained: stage 3 ran 40 optimiser steps on demos/mw, final loss 0.500; "
+        "finished 2026-01-02 03:04 UTC."
+    )
+
+
+def _write_rollouts(folder: Path) -> Path:
+    """A closed-loop evaluation folder as evaluation.rollout writes it: two policies, one video each."""
+    from evaluation.rollout import write_video
+
+    frames = [np.full((16, 16, 3), 40 * i, np.uint8) for i in range(4)]
+    for slug, policy, success in (
+        ("vipa", "VIPA-VLA (stages 1-3)", False),
+        ("expert", "scripted expert", True),
+    ):
+        video = write_video(frames, folder / slug / "videos" / "reach-v3" / "seed-001000.mp4")
+        record = {"task": "reach-v3", "group": "reach-v3", "seed": 1000, "steps": 3, "success": success,
+                  "error": None, "video": str(video), "instruction": "move the gripper to the goal"}  # fmt: skip
+        per_task = {"reach-v3": {"successes": int(success), "n": 1}}
+        (folder / slug / "summary.json").write_text(
+            json.dumps({"policy": policy, "records": [record], "per_task": per_task})
+        )
+    table = "task  VIPA-VLA (stages 1-3)  scripted expert\nreach-v3  0/1  1/1"
+    results = {"policies": {"VIPA-VLA (stages 1-3)": {}, "scripted expert": {}}, "table": table}
+    (folder / "results.json").write_text(json.dumps(results))
+    return folder
+
+
+def test_app_opens_on_an_example_and_plays_rollouts(tmp_path: Path) -> None:
+    from spaces_demo.app import build_app, load_rollouts
+
+    ckpt = build_tiny_checkpoint(tmp_path / "runs" / "vipa", trained=True)
+    rollouts = _write_rollouts(tmp_path / "runs" / "robot" / "eval")
+    loaded = load_rollouts(rollouts)
+    assert [v["policy"] for v in loaded["videos"]] == ["VIPA-VLA (stages 1-3)", "scripted expert"]
+    assert loaded["videos"][0]["label"] == "VIPA-VLA (stages 1-3) · reach-v3 · seed 1000 · failure (3 steps)"
+    assert load_rollouts(tmp_path / "nothing") is None
+    # the main job's layout is found from the checkpoint folder alone
+    app = build_app(str(ckpt), examples_dir=write_examples(tmp_path / "examples"))
+    assert app.vipa_rollouts is not None and app.vipa_rollouts["folder"] == str(rollouts.resolve())
+    props = {
+        c["props"].get("elem_id"): c["props"] for c in app.config["components"] if c["props"].get("elem_id")
+    }
+    assert props["qa-example"]["value"] == "v0"  # a visual test example is preselected
+    assert props["qa-question"]["value"] == "Where is the mug relative to the right hand in the last frame?"
+    assert props["rollout-choice"]["value"] == loaded["videos"][0]["path"]
+    assert "reach-v3" in props["rollout-table"]["value"] and "Wilson" in props["rollout-table"]["value"]
+    assert "**failure** after 3 steps" in props["rollout-caption"]["value"]
+    assert '"move the gripper to the goal"' in props["rollout-caption"]["value"]
+    tabs = [c["props"].get("label") for c in app.config["components"] if c.get("type") == "tabitem"]
+    assert tabs == ["Spatial QA", "Trajectory", "Robot rollouts"], tabs
