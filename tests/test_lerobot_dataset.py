@@ -35,6 +35,7 @@ from training.lerobot_dataset import (
     LeRobotV3Writer,
     compute_stats,
     norm_stats_for_processor,
+    open_lerobot_dataset,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,6 +308,16 @@ def test_v21_dataset_is_refused_with_the_converter_named(tmp_path):
         LeRobotMeta.load(tmp_path / "old")
     with pytest.raises(ValueError, match=r"v2\.1"):
         LeRobotV3Dataset(tmp_path / "old")
+
+
+def test_open_local_folder_or_repo_id(lerobot_fixture, monkeypatch):
+    root, _ = lerobot_fixture
+    assert open_lerobot_dataset(root) == root and open_lerobot_dataset(str(root)) == root
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="not a local folder"):
+        open_lerobot_dataset("no-such-org/no-such-dataset-for-vipa-tests")
+    with pytest.raises(ValueError, match="neither an existing folder nor a Hub repo id"):
+        open_lerobot_dataset("./missing/folder/x")
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------

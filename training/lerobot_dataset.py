@@ -258,7 +258,13 @@ def open_lerobot_dataset(root_or_repo_id: str | os.PathLike, revision: str | Non
         )
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(repo_id=text, repo_type="dataset", revision=revision))
+    try:
+        return Path(snapshot_download(repo_id=text, repo_type="dataset", revision=revision))
+    except Exception as e:  # offline without a cached copy, unknown repo, no network
+        raise ValueError(
+            f"root_or_repo_id: {text!r} is not a local folder and its Hub dataset could not be fetched "
+            f"({type(e).__name__}: {e}); download it where there is a network or pass a local folder"
+        ) from e
 
 
 @dataclass
