@@ -33,10 +33,14 @@ views of one scene in that order, its world frame being the first view's camera.
 camera first (its frame is the most stable reference) and the wrist camera last, which is also the paper's
 two-view LIBERO setting (agent view + wrist view) and what the default order gives on those datasets.
 
-Fast reading: video is decoded sequentially in blocks of `decode_block_frames` frames of one episode and the
-decoded blocks are kept in a per-process LRU (`cache_mb`); `EpisodeGroupedSampler` orders a shuffled epoch so
-that a batch draws from a few blocks at a time, and each block is decoded once per worker instead of one seek
-and decode per sample (benchmarks/bench_robot_data.py measures both).
+Fast reading: video is decoded sequentially in blocks of `decode_block_frames` frames of one episode, and the
+decoded blocks are kept in a per-process LRU (`cache_mb`). Use `EpisodeGroupedSampler` (with `batch_size` and
+`num_streams` = DataLoader workers x processes): a shuffled epoch that draws a few blocks at a time, each
+block going to one worker, so each block is decoded once instead of one seek and decode per sample and
+camera. Plain random access works too (`decode_block_frames=1` then suits it best: one seek per frame, through
+the process's open decoders). benchmarks/bench_robot_data.py measures these against per-sample decoding.
+Damaged videos are found at construction by demuxing every referenced file (`check_videos`); a frame that
+still fails to decode raises ValueError naming the file, episode, feature and frame.
 
 Usage (a dataset written here, then read back):
 
