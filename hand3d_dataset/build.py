@@ -32,7 +32,13 @@ alone), and a weight w < 1 keeps a stable share w of them (clip kept when a hash
 in [0, 1), is below w: independent of the order and of the other sources). Clips are processed source
 after source in the order given; ids stay the sources' own (two sources yielding one id is an error).
 `report.json` holds `per_source` counts (clips, rows per task type, skips by reason), the table
-`hand3d stats` prints (`hand3d_dataset.stats`).
+`hand3d stats` prints (`hand3d_dataset.stats`). Sequences a source could not even list (its `skipped`
+dict: sequence → reason) have no clip id; they are in `listing_skipped` and counted per source as
+"listing failed (sequence)".
+
+Object positions (`BuildConfig.object_source`, `hand3d build --object-source`): "auto" (default) takes an
+object's pose from the dataset where it has one and the estimator/detector elsewhere, "pose" only the
+poses, "estimate" only the estimator/detector (`pipeline` module docstring); part of the resume key.
 """
 
 from __future__ import annotations

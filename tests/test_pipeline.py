@@ -211,15 +211,23 @@ class _Refuses:
         raise AssertionError("detector called")
 
 
-def _located(row, clip):
-    """The object point a spatial row states: the palm (mean of wrist and finger bases, camera frame of
-    the shown frame, computed here) plus or minus the row's vector."""
-    tgt = row["target"]
-    f = tgt["frame_indices"][-1]
-    side = tgt["hand"]
-    palm = clip.R[f] @ clip.hands[side].joints3d[f][[0, 5, 9, 13, 17]].mean(0) + clip.t[f]
-    v = np.array(tgt["vector_m"])
-    return f, palm + v if tgt["relation"] == "object_from_hand" else palm - v
+def _check_rows_state_the_poses(rows, clip) -> int:
+    """Asserts that each spatial row's object point (the palm, mean of wrist and finger bases in the shown
+    frame's camera, computed here, plus or minus the row's vector) is the object's pose moved into that
+    camera by the clip's R, t (to the rows' 6-decimal rounding); returns how many rows were checked."""
+    checked = 0
+    for row in rows:
+        tgt = row["target"]
+        if row["task_type"] != "spatial_relationship":
+            continue
+        f = tgt["frame_indices"][-1]
+        palm = clip.R[f] @ clip.hands[tgt["hand"]].joints3d[f][[0, 5, 9, 13, 17]].mean(0) + clip.t[f]
+        v = np.array(tgt["vector_m"])
+        located = palm + v if tgt["relation"] == "object_from_hand" else palm - v
+        centre = clip.R[f] @ clip.object(tgt["object"]).position3d[f] + clip.t[f]
+        np.testing.assert_allclose(located, centre, atol=2e-6)
+        checked += 1
+    return checked
 
 
 @pytest.mark.parametrize("object_source", ["pose", "auto"])
@@ -234,12 +242,7 @@ def test_object_positions_come_from_the_poses_without_estimator_or_detector(obje
         clip = make_clip(index)
         r = process_clip(clip, est, _Refuses(), cfg, seed=0)
         assert r.skipped is None and (r.scale is None) == (object_source == "pose")
-        for row in r.rows_visual:
-            if row["task_type"] == "spatial_relationship":
-                f, located = _located(row, clip)
-                centre = clip.R[f] @ clip.object(row["target"]["object"]).position3d[f] + clip.t[f]
-                np.testing.assert_allclose(located, centre, atol=2e-6)
-                checked += 1
+        checked += _check_rows_state_the_poses(r.rows_visual, clip)
     assert checked > 0
 
 
@@ -290,12 +293,7 @@ def test_synth_rows_state_the_rendered_object_centres():
         r = process_clip(
             clip, GroundTruthDepthEstimator(seed=5), GroundTruthBoxDetector(), PipelineConfig(), 5
         )
-        for row in r.rows_visual:
-            if row["task_type"] == "spatial_relationship":
-                f, located = _located(row, clip)
-                centre = clip.R[f] @ clip.object(row["target"]["object"]).position3d[f] + clip.t[f]
-                np.testing.assert_allclose(located, centre, atol=2e-6)
-                checked += 1
+        checked += _check_rows_state_the_poses(r.rows_visual, clip)
     assert checked > 0
 
 

@@ -8,7 +8,6 @@ import yaml
 
 from hand3d_dataset.clip import HAND_SEGMENT
 from hand3d_dataset.sources import SourceAdapter, get_source
-from hand3d_dataset.sources._common import chunk_frame_indices
 from hand3d_dataset.sources.dexycb import DexYcbSource
 from tests.source_fixtures import dexycb as fx
 from tests.source_fixtures._common import clip_uv, pose_mano, row_count, run_build
@@ -139,17 +138,6 @@ def test_bad_input_names_the_file(data, tmp_path):
     (cam.parent / "meta.yml").write_text(yaml.safe_dump(meta))
     src = DexYcbSource(root)
     assert src.clip_ids() == [] and "ycb_ids" in next(iter(src.skipped.values()))
-
-
-def test_chunking_rule():
-    assert [c.tolist() for c in chunk_frame_indices(750, 30.0)] == [
-        list(range(0, 300, 30)),
-        list(range(300, 600, 30)),
-        list(range(600, 750, 30)),
-    ]
-    assert chunk_frame_indices(30, 30.0) == []  # one sampled frame: no motion to learn from
-    with pytest.raises(ValueError, match="sample_fps"):
-        chunk_frame_indices(10, 30.0, sample_fps=0)
 
 
 def test_hand3d_build_on_the_fixture(data, tmp_path):

@@ -42,9 +42,11 @@ Conventions and why:
   object moves little with it). Task: "grab the box" / "use the box" (ARCTIC's two actions: "use"
   articulates the object).
 - Frames: 30 fps (ARCTIC's capture rate), sampled at `sample_fps` in `chunk_s` chunks
-  (`_common.chunk_frame_indices`). `images="auto"` reads the egocentric images when the sequence's `images/.../0`
-  folder exists and otherwise yields trajectory-only clips (frames None; the images are ~1 TB and many
-  users only download `raw_seqs`); "required" makes a missing folder an error; "none" never reads them.
+  (`_common.chunk_frame_indices`). `images="auto"` reads the egocentric images when the sequence's
+  `images/.../0` folder exists and otherwise yields trajectory-only clips (frames None; the images are
+  ~1 TB and many users only download `raw_seqs`); "required" makes a missing folder an error; "none" never
+  reads them. ARCTIC has no depth: with the object's pose (`--object-source auto | pose`) the images give
+  spatial rows without a depth model.
 
 Bad input: a missing or unreadable file, mismatched frame counts, or non-finite cameras raise ValueError
 naming the file (the build records the clip as skipped). A frame whose MANO parameters are not finite is
