@@ -173,7 +173,9 @@ def zero_spatial_tokens(model: Any, spatial_pixel_values: torch.Tensor) -> torch
 
 
 def has_spatial_branch(model: Any) -> bool:
-    """False when the fusion's alpha is exactly 0 (a single-encoder model: the 3D branch is off)."""
+    """False for a single-encoder model: `config.use_spatial_branch` off, or the fusion's alpha exactly 0."""
+    if not getattr(model.config, "use_spatial_branch", True):
+        return False
     return float(model.model.fusion.alpha.detach().float().cpu()) != 0.0
 
 

@@ -199,11 +199,17 @@ def test_paper_recipes_hold_the_paper_values() -> None:
         load_stage3_recipe("cpu-tiny", norm_mode="zscore")
 
 
-def test_single_encoder_start_keeps_the_3d_branch_off(assets, tmp_path) -> None:
+@pytest.mark.parametrize("switch", ["alpha_zero", "use_spatial_branch"])
+def test_single_encoder_start_keeps_the_3d_branch_off(assets, tmp_path, switch) -> None:
+    """Both ways a checkpoint says "no 3D branch": alpha = 0, or config.use_spatial_branch = False (the
+    single-encoder switch): the fusion stays as it was and CUT3R never runs."""
     processor = build_tiny_processor(norm_stats={})
     model = build_tiny_model(processor, seed=1)
-    with torch.no_grad():
-        model.model.fusion.alpha.zero_()  # how this repository writes "no 3D branch"
+    if switch == "alpha_zero":
+        with torch.no_grad():
+            model.model.fusion.alpha.zero_()
+    else:
+        model.config.use_spatial_branch = False
     model.save_pretrained(tmp_path / "single")
     processor.save_pretrained(tmp_path / "single")
     calls = []
@@ -225,7 +231,8 @@ def test_single_encoder_start_keeps_the_3d_branch_off(assets, tmp_path) -> None:
     for key in before:
         if key.startswith("model.fusion."):
             assert torch.equal(before[key], after[key]), key
-    assert float(after["model.fusion.alpha"]) == 0.0
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert float(after["model.fusion.alpha"]) == 0.0 or config["use_spatial_branch"] is False
 
 
 def test_stage2_start_and_lora(assets, tmp_path) -> None:

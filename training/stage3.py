@@ -271,15 +271,17 @@ def load_start_model(
     motion = model.config.motion_token_ids is not None
     marker = folder / TRAINING_MARKER  # written by every training entry point: which stage made this
     trained_stage = json.loads(marker.read_text()).get("stage") if marker.is_file() else None
+    # the single-encoder switch (config.use_spatial_branch = False, cpu_demo's backbone) or an alpha of 0
+    branch = alpha != 0.0 and model.config.use_spatial_branch
     if is_action:
         kind = "stage3"
-    elif alpha == 0.0:
+    elif not branch:
         kind = "single-encoder"
     elif trained_stage in (1, 2):
         kind = f"stage{trained_stage}"
     else:  # no marker: motion tokens mean stage 2 ran; none mean a fresh composition (build_checkpoint)
         kind = "stage2" if motion else "no-pretraining"
-    return model, processor, StartPoint(kind, motion, alpha != 0.0, alpha)
+    return model, processor, StartPoint(kind, motion, branch, alpha)
 
 
 def _stored_alpha(folder: Path, model: VipaForActionPrediction) -> float:
