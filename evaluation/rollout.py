@@ -501,7 +501,7 @@ _WORKER: dict[str, Any] = {}
 
 
 def _worker_init(env_name: str, options: dict[str, Any], spec: PolicySpec, threads: int | None) -> None:
-    if threads:
+    if threads and spec.kind == "vipa":  # one torch thread per environment process (the others: no torch)
         import torch
 
         torch.set_num_threads(threads)
