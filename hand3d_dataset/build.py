@@ -39,6 +39,11 @@ dict: sequence → reason) have no clip id; they are in `listing_skipped` and co
 Object positions (`BuildConfig.object_source`, `hand3d build --object-source`): "auto" (default) takes an
 object's pose from the dataset where it has one and the estimator/detector elsewhere, "pose" only the
 poses, "estimate" only the estimator/detector (`pipeline` module docstring); part of the resume key.
+
+Engines (`BuildConfig.engine`): "local" annotates clips in this process or a spawn pool of `num_workers`;
+"ray" runs the same per-clip steps as a Ray Data pipeline on a Ray cluster (`hand3d_dataset.build_ray`).
+Both hand their `ClipResult`s, in the order of the clips, to the one writer below (shards, markers,
+report.json, card), so the engine never changes the output folder.
 """
 
 from __future__ import annotations
@@ -50,6 +55,8 @@ import os
 import time
 import zlib
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -58,6 +65,7 @@ import pyarrow.parquet as pq
 from datasets import Dataset
 
 from hand3d_dataset.calibration import ESTIMATES
+from hand3d_dataset.clip import Clip
 from hand3d_dataset.pipeline import (
     ACTION_FEATURES,
     OBJECT_SOURCES,
@@ -78,11 +86,17 @@ __all__ = [
     "shard_paths",
     "make_source",
     "make_models",
+    "make_estimator",
+    "make_detector",
+    "load_or_skip",
+    "annotate_or_skip",
+    "ENGINES",
 ]
 
 GOLDEN = (5**0.5 - 1) / 2  # fractional part of the golden ratio φ
 CONFIGS = {"visual": VISUAL_FEATURES, "action": ACTION_FEATURES}
 SPLITS = ("train", "test")
+ENGINES = ("local", "ray")  # BuildConfig.engine
 
 
 @dataclass(frozen=True)
@@ -114,6 +128,12 @@ class BuildConfig:
     # "pose" (the dataset's poses only, no estimator/detector) or "estimate" (pipeline.OBJECT_SOURCES)
     object_source: str = "auto"
     progress: bool = True  # show a progress bar
+    engine: str = (
+        "local"  # "local" (this process or a spawn pool) or "ray" (build_ray: Ray Data on a cluster)
+    )
+    # engine "ray": None starts a private local Ray instance of num_workers CPUs; "auto" joins the cluster of
+    # this node (`ray start --head`, `ray job submit`); "ray://HOST:PORT" connects through Ray Client
+    ray_address: str | None = None
 
     def __post_init__(self) -> None:
         for name in ("num_clips", "num_workers", "image_size", "frames", "shard_size"):
@@ -134,6 +154,14 @@ class BuildConfig:
             )
         if self.sources is not None:
             parse_sources(self.sources)
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine: expected one of {ENGINES}, got {self.engine!r}")
+        if self.ray_address is not None:
+            if self.engine != "ray":
+                raise ValueError(f"ray_address: only used with engine 'ray', got engine {self.engine!r}")
+            a = self.ray_address
+            if not (a == "auto" or (a.startswith("ray://") and len(a) > len("ray://"))):
+                raise ValueError(f"ray_address: expected 'auto' or 'ray://HOST:PORT', got {a!r}")
 
     def source_specs(self) -> list[SourceSpec]:
         """The sources of this build: `sources` parsed, or the single `source`/`source_root` at weight 1."""
@@ -144,7 +172,7 @@ class BuildConfig:
     def resume_key(self) -> dict:
         """Settings that change the content of a shard (a resumed build must match them)."""
         d = asdict(self)
-        for k in ("num_clips", "num_workers", "progress", "out", "device"):
+        for k in ("num_clips", "num_workers", "progress", "out", "device", "engine", "ray_address"):
             d.pop(k)
         return d
 
@@ -257,32 +285,43 @@ def _parse_model_spec(field: str, spec: str) -> tuple[str, str | None]:
 
 
 def make_models(cfg: BuildConfig):
-    """(estimator, detector) named by the config.
+    """(estimator, detector) named by the config (`make_estimator`, `make_detector`)."""
+    return make_estimator(cfg), make_detector(cfg)
 
-    gt-depth / gt-boxes: the synth source's depth (with a hidden per-clip scale) and segmentation boxes.
+
+def make_estimator(cfg: BuildConfig):
+    """The point-cloud estimator of `cfg.estimator`.
+
+    gt-depth: the synth source's depth with a hidden per-clip scale.
     cut3r:<folder>: a converted CUT3R checkpoint (`vipa-train convert-cut3r`), self-view pointmaps.
     depth-anything:<folder|id>: transformers' DepthAnythingForDepthEstimation with the clip's intrinsics.
-    grounding-dino:<folder|id>: transformers' GroundingDinoForObjectDetection, boxes from the object names.
     """
     from hand3d_dataset import estimators
 
     kind, where = _parse_model_spec("estimator", cfg.estimator)
     if kind == "gt-depth":
-        estimator = estimators.GroundTruthDepthEstimator(seed=cfg.seed)
-    elif kind == "cut3r":
+        return estimators.GroundTruthDepthEstimator(seed=cfg.seed)
+    if kind == "cut3r":
         from hand3d_dataset.cut3r_estimator import Cut3rPointCloudEstimator
 
         if not Path(where).is_dir():
             raise ValueError(f"estimator: no CUT3R checkpoint folder at {where!r} (convert one first)")
-        estimator = Cut3rPointCloudEstimator(where, device=cfg.device)
-    else:
-        estimator = estimators.DepthAnythingEstimator(where, device=cfg.device)
+        return Cut3rPointCloudEstimator(where, device=cfg.device)
+    return estimators.DepthAnythingEstimator(where, device=cfg.device)
+
+
+def make_detector(cfg: BuildConfig):
+    """The object detector of `cfg.detector`.
+
+    gt-boxes: the synth source's segmentation boxes.
+    grounding-dino:<folder|id>: transformers' GroundingDinoForObjectDetection, boxes from the object names.
+    """
+    from hand3d_dataset import estimators
+
     kind, where = _parse_model_spec("detector", cfg.detector)
     if kind == "gt-boxes":
-        detector = estimators.GroundTruthBoxDetector()
-    else:
-        detector = estimators.GroundingDinoDetector(where, device=cfg.device)
-    return estimator, detector
+        return estimators.GroundTruthBoxDetector()
+    return estimators.GroundingDinoDetector(where, device=cfg.device)
 
 
 # ---- workers -----------------------------------------------------------------------------------------
@@ -303,23 +342,55 @@ def _init_worker(cfg: BuildConfig, sources: dict, estimator, detector, pipeline_
     )
 
 
-def _run_clip(item: tuple[str, str]) -> ClipResult:
-    """Load and annotate one clip (source name, clip id); any failure becomes a skip reason (the run
-    never stops for data)."""
-    w = _WORKER
-    source_name, clip_id = item
+def load_or_skip(adapter, source_name: str, clip_id: str) -> Clip | ClipResult:
+    """The clip, or a skipped `ClipResult` saying why it could not be read (the run never stops for data)."""
     try:
-        clip = w["sources"][source_name].load_clip(clip_id)
+        return adapter.load_clip(clip_id)
     except Exception as e:  # a corrupt or unreadable input: record and carry on
         return ClipResult(
             clip_id=clip_id, source=source_name, skipped=f"load failed: {type(e).__name__}: {e}"
         )
+
+
+def annotate_or_skip(clip: Clip, estimator, detector, pipeline: PipelineConfig, seed: int) -> ClipResult:
+    """`process_clip`, with any exception turned into a skip reason."""
     try:
-        return process_clip(clip, w["estimator"], w["detector"], w["pipeline"], seed=w["cfg"].seed)
+        return process_clip(clip, estimator, detector, pipeline, seed=seed)
     except Exception as e:  # a bug or an estimator failure on odd data must not kill a long build
         return ClipResult(
-            clip_id=clip_id, source=source_name, skipped=f"pipeline error: {type(e).__name__}: {e}"
+            clip_id=clip.clip_id, source=clip.source, skipped=f"pipeline error: {type(e).__name__}: {e}"
         )
+
+
+def _run_clip(item: tuple[str, str]) -> ClipResult:
+    """Load and annotate one clip (source name, clip id); any failure becomes a skip reason."""
+    w = _WORKER
+    source_name, clip_id = item
+    clip = load_or_skip(w["sources"][source_name], source_name, clip_id)
+    if isinstance(clip, ClipResult):
+        return clip
+    return annotate_or_skip(clip, w["estimator"], w["detector"], w["pipeline"], w["cfg"].seed)
+
+
+@contextmanager
+def _local_results(
+    cfg: BuildConfig, work: list[tuple[str, str]], init: tuple
+) -> Iterator[Iterator[ClipResult]]:
+    """The local engine: `ClipResult`s of `work`, in order, from this process or a spawn pool."""
+    pool = None
+    if cfg.num_workers > 1 and work:
+        # spawn: MuJoCo's EGL context and torch's threads do not survive fork
+        pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_worker, initargs=init)
+        results = pool.imap(_run_clip, work, chunksize=1)
+    else:
+        _init_worker(*init)
+        results = map(_run_clip, work)
+    try:
+        yield iter(results)
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
 
 
 # ---- writing -----------------------------------------------------------------------------------------
@@ -467,7 +538,7 @@ def build(
     """Runs (or resumes) a build and returns the run report (also written to OUT/report.json).
 
     source/estimator/detector: objects to use instead of those named in cfg (tests inject corrupt
-    sources this way; with num_workers > 1 they must be picklable).
+    sources this way; with num_workers > 1 or engine "ray" they must be picklable).
     """
     t0 = time.perf_counter()
     out = Path(cfg.out)
@@ -524,27 +595,20 @@ def build(
         total=len(items), initial=len(items) - len(work), unit="clip", disable=not cfg.progress, desc="hand3d"
     )
     init = (cfg, adapters, estimator, detector, pipeline)
-    pool = None
-    if cfg.num_workers > 1 and work:
-        # spawn: MuJoCo's EGL context and torch's threads do not survive fork
-        pool = mp.get_context("spawn").Pool(cfg.num_workers, initializer=_init_worker, initargs=init)
-        results = pool.imap(_run_clip, work, chunksize=1)
+    if cfg.engine == "ray":
+        from hand3d_dataset.build_ray import ray_results as engine
     else:
-        _init_worker(*init)
-        results = map(_run_clip, work)
+        engine = _local_results
     try:
-        it = iter(results)
-        for k in todo:
-            shard_results = []
-            for _ in shards[k]:
-                shard_results.append(next(it))
-                bar.update(1)
-            _atomic_json(marker(k), _write_shard(out, k, shard_results, test))
+        with engine(cfg, work, init) as it:
+            for k in todo:
+                shard_results = []
+                for _ in shards[k]:
+                    shard_results.append(next(it))
+                    bar.update(1)
+                _atomic_json(marker(k), _write_shard(out, k, shard_results, test))
     finally:
         bar.close()
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     markers = [json.loads(marker(k).read_text()) for k in range(len(shards))]
     listing = {s.name: dict(getattr(adapters[s.name], "skipped", None) or {}) for s in specs}
     report = _report(cfg, markers, time.perf_counter() - t0, len(work), requested, listing)

@@ -4,6 +4,7 @@
     hand3d walkthrough                                  # geometry tour on the real fixtures
     hand3d build --source synth --num-clips 100 --out hand3d --num-workers 2   # build Hand3D (resumable)
     hand3d build --sources synth:,hot3d:HOT3D/ --out hand3d        # one dataset from several sources
+    hand3d build --engine ray --ray-address auto --num-workers 64  # the same build on a Ray cluster
     hand3d stats hand3d                                 # per-source table (paper Tables 1-2) + stats.png
     hand3d publish hand3d [--repo-id my-org/hand3d]     # dataset card (+ upload to the Hub)
     hand3d evaluate --model runs/stage2 --data hand3d --out eval   # Hand3D-test metrics + Figures 8-9
@@ -54,8 +55,16 @@ def _build(args: argparse.Namespace) -> int:
         detector=args.detector,
         device=args.device,
         progress=not args.no_progress,
+        engine=args.engine,
+        ray_address=args.ray_address,
     )
-    report = build(cfg)
+    try:
+        report = build(cfg)
+    except (ImportError, ConnectionError) as e:
+        if cfg.engine != "ray":
+            raise
+        print(f"hand3d build: error: {e}", file=sys.stderr)  # the missing extra, or no cluster at the address
+        return 2
     rate = report["this_run"]["clips_per_min"]
     print(
         f"hand3d build: {report['clips_done']} clips annotated, {report['clips_skipped']} skipped "
@@ -209,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--device", default="cpu", help="device of a learnt estimator/detector (default: cpu)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--engine",
+        default="local",
+        choices=["local", "ray"],
+        help="local: this machine (--num-workers processes); ray: a Ray cluster, Ray Data stages with "
+        "--num-workers tasks / actors each (pip install 'vipa-vla[ray]'); same output (default: local)",
+    )
+    p.add_argument(
+        "--ray-address",
+        default=None,
+        help="with --engine ray: 'auto' (the cluster of this node) or ray://HOST:PORT (Ray Client); "
+        "default: start a private local Ray instance of --num-workers CPUs",
+    )
     p.set_defaults(func=_build)
 
     p = sub.add_parser(
