@@ -22,6 +22,7 @@ Usage:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -67,16 +68,29 @@ class VipaAttention(nn.Module):
         self.o_proj = nn.Linear(hidden_size, hidden_size)
         self.dropout = dropout
 
-    def forward(
-        self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """x: (B, N, D), context: (B, M, D), context_mask: (B, M) bool (True = attend) -> (B, N, D)."""
-        b, n, d = x.shape
-        m = context.shape[1]
+    def project_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of `context` (B, M, D), each (B, heads, M, D / heads)."""
+        b, m, d = context.shape
         h = self.num_heads
-        q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)
         k = self.k_proj(context).view(b, m, h, d // h).transpose(1, 2)
         v = self.v_proj(context).view(b, m, h, d // h).transpose(1, 2)
+        return k, v
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor | None,
+        context_mask: torch.Tensor | None = None,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """x: (B, N, D), context: (B, M, D), context_mask: (B, M) bool (True = attend) -> (B, N, D).
+
+        kv: `project_kv(context)` computed once (the cross-attention to h_cond in every Euler step of
+        `VipaActionHead.sample`); then `context` is not read."""
+        b, n, d = x.shape
+        h = self.num_heads
+        q = self.q_proj(x).view(b, n, h, d // h).transpose(1, 2)
+        k, v = self.project_kv(context) if kv is None else kv
         mask = None if context_mask is None else context_mask[:, None, None, :]
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=mask, dropout_p=self.dropout if self.training else 0.0
@@ -103,13 +117,19 @@ class VipaDiTBlock(nn.Module):
         nn.init.zeros_(self.adaLN_modulation.bias)
 
     def forward(
-        self, x: torch.Tensor, t_emb: torch.Tensor, h_cond: torch.Tensor, cond_mask: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        t_emb: torch.Tensor,
+        h_cond: torch.Tensor | None,
+        cond_mask: torch.Tensor | None,
+        cond_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """x: (B, 1 + H, D), t_emb: (B, D), h_cond: (B, Q, D) -> (B, 1 + H, D)."""
+        """x: (B, 1 + H, D), t_emb: (B, D), h_cond: (B, Q, D) (or its `cross_attn.project_kv` as
+        `cond_kv`) -> (B, 1 + H, D)."""
         shift1, scale1, gate1, shift2, scale2, gate2 = self.adaLN_modulation(F.silu(t_emb)).chunk(6, dim=-1)
         y = _modulate(self.norm1(x), shift1, scale1)
         x = x + gate1[:, None] * self.self_attn(y, y)
-        x = x + self.cross_attn(self.norm_cross(x), h_cond, cond_mask)
+        x = x + self.cross_attn(self.norm_cross(x), h_cond, cond_mask, kv=cond_kv)
         y = _modulate(self.norm2(x), shift2, scale2)
         return x + gate2[:, None] * self.mlp(y)
 
@@ -157,6 +177,16 @@ class VipaActionHead(nn.Module):
         if not torch.isfinite(actions).all():
             raise ValueError("actions contain NaN or inf")
 
+    def condition(self, state: torch.Tensor, h_cond: torch.Tensor) -> dict[str, Any]:
+        """What the flow's conditioning gives every Euler step alike: the state token (B, 1, D) and each
+        block's cross-attention keys/values of the projected h_cond. `sample` computes it once."""
+        dtype = self.action_in.weight.dtype
+        cond = self.cond_proj(h_cond.to(dtype))
+        return {
+            "state_token": self.state_encoder(state.to(dtype))[:, None],
+            "cond_kv": [block.cross_attn.project_kv(cond) for block in self.blocks],
+        }
+
     def forward(
         self,
         noisy_actions: torch.Tensor,
@@ -164,6 +194,7 @@ class VipaActionHead(nn.Module):
         state: torch.Tensor,
         h_cond: torch.Tensor,
         cond_mask: torch.Tensor | None = None,
+        conditioning: dict[str, Any] | None = None,
     ) -> torch.Tensor:
         """Predicted flow.
 
@@ -173,21 +204,22 @@ class VipaActionHead(nn.Module):
             state: (B, state_dim) normalised robot state s_t.
             h_cond: (B, Q, cond_dim) last hidden states of the action queries.
             cond_mask: optional (B, Q) bool, True where h_cond is valid.
+            conditioning: `condition(state, h_cond)`, computed once for several calls with the same state
+                and h_cond (then those two are not read again).
 
         Returns:
             v_theta: (B, H, action_dim).
         """
         dtype = self.action_in.weight.dtype
-        x = torch.cat(
-            [self.state_encoder(state.to(dtype))[:, None], self.action_in(noisy_actions.to(dtype))], 1
-        )
+        if conditioning is None:
+            conditioning = self.condition(state, h_cond)
+        x = torch.cat([conditioning["state_token"], self.action_in(noisy_actions.to(dtype))], 1)
         x = x + self.pos_embed.to(dtype)
         t_emb = self.time_mlp(
             timestep_embedding(tau, self.config.hidden_size, self.config.time_embed_scale).to(dtype)
         )
-        cond = self.cond_proj(h_cond.to(dtype))
-        for block in self.blocks:
-            x = block(x, t_emb, cond, cond_mask)
+        for block, kv in zip(self.blocks, conditioning["cond_kv"]):
+            x = block(x, t_emb, None, cond_mask, cond_kv=kv)
         shift, scale = self.adaLN_out(F.silu(t_emb)).chunk(2, dim=-1)
         return self.action_out(_modulate(self.norm_out(x[:, 1:]), shift, scale))
 
@@ -263,7 +295,8 @@ class VipaActionHead(nn.Module):
                 raise ValueError(f"noise must have shape {shape}, got {tuple(noise.shape)}")
             a = noise.float().clone()
         dt = 1.0 / steps
+        conditioning = self.condition(state, h_cond)  # the same in every step: computed once
         for i in range(steps):
             tau = torch.full((batch,), i * dt, device=a.device)
-            a = a + dt * self(a, tau, state, h_cond, cond_mask).float()
+            a = a + dt * self(a, tau, state, h_cond, cond_mask, conditioning=conditioning).float()
         return a

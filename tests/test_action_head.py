@@ -31,9 +31,9 @@ def test_loss_is_mse_to_a_minus_eps_at_the_interpolated_point() -> None:
     captured = {}
     original = head.forward
 
-    def spy(noisy, t, s, h, m=None):
+    def spy(noisy, t, s, h, m=None, **kw):
         captured["noisy"], captured["tau"] = noisy.clone(), t.clone()
-        return original(noisy, t, s, h, m)
+        return original(noisy, t, s, h, m, **kw)
 
     head.forward = spy
     loss = head.flow_matching_loss(h_cond, state, a, noise=eps, tau=tau)
@@ -49,20 +49,35 @@ def test_euler_integration_of_known_fields(steps: int) -> None:
     eps = torch.randn(2, 4, 7)
     h_cond, state = torch.randn(2, 4, 24), torch.randn(2, 8)
     # v = -a: Euler gives (1 - 1/N)^N eps
-    head.forward = lambda a, tau, s, h, m=None: -a
+    head.forward = lambda a, tau, s, h, m=None, **kw: -a
     got = head.sample(h_cond, state, num_steps=steps, noise=eps)
     np.testing.assert_allclose(got.numpy(), (1 - 1 / steps) ** steps * eps.numpy(), rtol=1e-5, atol=1e-6)
     # v = tau: the steps sample tau = 0, 1/N, ..., (N-1)/N, so a = eps + sum_i (i/N)(1/N) = eps + (N-1)/(2N)
-    head.forward = lambda a, tau, s, h, m=None: tau[:, None, None].expand_as(a)
+    head.forward = lambda a, tau, s, h, m=None, **kw: tau[:, None, None].expand_as(a)
     got = head.sample(h_cond, state, num_steps=steps, noise=eps)
     np.testing.assert_allclose(got.numpy(), eps.numpy() + (steps - 1) / (2 * steps), rtol=1e-5, atol=1e-6)
+
+
+def test_sample_with_the_conditioning_computed_once_equals_the_plain_euler_loop() -> None:
+    """`sample` computes the state token and the cross-attention K/V once; the result must equal Euler steps
+    that each run the whole head from (state, h_cond)."""
+    torch.manual_seed(0)
+    head = _head().eval()
+    h_cond, state, eps = torch.randn(2, 4, 24), torch.randn(2, 8), torch.randn(2, 4, 7)
+    mask = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    got = head.sample(h_cond, state, num_steps=5, noise=eps, cond_mask=mask)
+    a = eps.clone()
+    with torch.no_grad():
+        for i in range(5):
+            a = a + 0.2 * head(a, torch.full((2,), i * 0.2), state, h_cond, mask)
+    np.testing.assert_allclose(got.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_exact_flow_reaches_the_target_from_noise() -> None:
     """With v = a* - eps (the flow-matching target) the integrated chunk is a* for any N."""
     head = _head()
     eps, target = torch.randn(1, 4, 7), torch.randn(1, 4, 7)
-    head.forward = lambda a, tau, s, h, m=None: (target - eps).expand_as(a)
+    head.forward = lambda a, tau, s, h, m=None, **kw: (target - eps).expand_as(a)
     got = head.sample(torch.randn(1, 4, 24), torch.randn(1, 8), num_steps=7, noise=eps)
     np.testing.assert_allclose(got.numpy(), target.numpy(), rtol=1e-5, atol=1e-5)
 
