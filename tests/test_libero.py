@@ -142,6 +142,29 @@ def test_worker_frames_by_hand() -> None:
     assert read_frame(io.BytesIO(struct.pack(">I", 5) + b"ab")) is None  # truncated: the worker is gone
 
 
+def test_worker_process_without_libero_reports_it_and_restarts_after_a_crash() -> None:
+    """The worker protocol end to end with an interpreter that has no LIBERO (this one): the import error
+    comes back as the request's error, the process keeps serving, and a killed worker is replaced."""
+    import sys
+
+    suite = LiberoSuite(python=sys.executable, backend="process")
+    with pytest.raises(RuntimeError, match="simulator error: ModuleNotFoundError: No module named 'libero'"):
+        suite.describe("libero_goal")
+    worker = suite._backend
+    first = worker.proc.pid
+    with pytest.raises(ValueError, match="unknown request 'nope'"):
+        worker.request({"cmd": "nope"})  # the same process still answers
+    assert worker.proc.pid == first
+    worker.proc.kill()
+    worker.proc.wait()
+    with pytest.raises(ValueError, match="unknown request"):
+        worker.request({"cmd": "nope"})  # a fresh worker took over
+    assert worker.proc.pid != first
+    proc = worker.proc
+    suite.close()
+    assert proc.poll() is not None  # the worker ended with its suite
+
+
 # ---- the real simulator through vipa-serve -------------------------------------------------------------------
 SUITE_TASKS = ("libero_spatial-0", "libero_object-0", "libero_goal-0", "libero_10-0")
 

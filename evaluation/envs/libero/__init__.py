@@ -12,6 +12,10 @@ reached through the torch-free `PolicyClient`:
     vipa-eval --env libero --policy server:127.0.0.1:8000 --tasks libero_spatial --episodes 50 --seed 0 \\
         --image-size 256 --references '' --out eval/libero
 
+    # or the whole client in LIBERO's environment, torch-free (the simulator then runs in process):
+    PYTHONPATH=. .venv-libero/bin/python -m evaluation.cli --env libero --policy server:GPU_HOST:8000 ...
+    python -m evaluation.envs.libero libero_goal     # the task names and their instructions
+
     from evaluation.envs.libero import LiberoSuite
     suite = LiberoSuite(image_size=128)
     suite.resolve_tasks("libero_goal")[:2]      # [("libero_goal", "libero_goal-0"), ("libero_goal", "libero_goal-1")]
@@ -36,7 +40,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import tempfile
 import threading
 import weakref
@@ -428,11 +431,3 @@ class LiberoSuite:
         if self._backend is not None:
             self._finalizer()
             self._backend = None
-
-
-if __name__ == "__main__":  # pragma: no cover - `python -m evaluation.envs.libero` lists the tasks
-    suite = LiberoSuite(image_size=128)
-    for s in sys.argv[1:] or SUITES:
-        for i, d in enumerate(suite.describe(s)):
-            print(f"{s}-{i}\t{d['language']}")
-    suite.close()

@@ -7,7 +7,7 @@ Started by `evaluation.envs.libero.LiberoSuite` with LIBERO's interpreter (`.ven
 Frames: a 4-byte big-endian length, then that many bytes of msgpack (`evaluation.policy_client.pack`: numpy
 arrays in its codec). One reply frame per request frame, in order. The process writes its frames to a copy
 of the original stdout and points file descriptor 1 at stderr, so whatever LIBERO, robosuite or MuJoCo print
-cannot corrupt the stream. It exits on a `close` request with `"exit": true` or at the end of its stdin (the
+cannot corrupt the stream; likewise it reads requests from a copy of stdin and gives the simulator /dev/null. It exits on a `close` request with `"exit": true` or at the end of its stdin (the
 parent is gone). Needs only numpy, msgpack and LIBERO: no torch.
 """
 
@@ -40,16 +40,22 @@ def write_frame(stream: BinaryIO, payload: bytes) -> None:
 
 
 def main() -> int:
+    protocol_in = os.fdopen(os.dup(0), "rb", buffering=0)
     protocol_out = os.fdopen(os.dup(1), "wb", buffering=0)
     os.dup2(2, 1)  # prints of the simulator go to stderr, never into the frame stream
     sys.stdout = sys.stderr
+    # nothing but this loop reads the requests: the official LIBERO asks for its dataset path with input() on
+    # first import when ~/.libero/config.yaml is missing, which would swallow a frame; it gets an EOF instead
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    sys.stdin = open(os.devnull)  # noqa: SIM115 - lives as long as the process
     from evaluation.envs.libero.sim import LiberoSimulator
     from evaluation.policy_client import pack, unpack
 
     sim = LiberoSimulator()
-    stdin = sys.stdin.buffer
     while True:
-        payload = read_frame(stdin)
+        payload = read_frame(protocol_in)
         if payload is None:
             break
         request = unpack(payload)
