@@ -41,7 +41,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from training.lerobot_dataset import EpisodeGroupedSampler, LeRobotV3Dataset, LeRobotV3Writer  # noqa: E402
+from training.lerobot_dataset import EpisodeGroupedSampler, LeRobotV3Dataset  # noqa: E402
+from training.lerobot_writer import LeRobotV3Writer  # noqa: E402
 from training.video_io import decode_segment  # noqa: E402
 
 CAMERAS = ("observation.images.image", "observation.images.wrist_image")

@@ -66,7 +66,7 @@ def record_demos(cfg: DemoConfig) -> dict[str, Any]:
     from tqdm.auto import tqdm
 
     from evaluation.envs import get_suite
-    from training.lerobot_dataset import LeRobotV3Writer
+    from training.lerobot_writer import LeRobotV3Writer
 
     out = Path(cfg.out)
     if out.exists():

@@ -1,4 +1,5 @@
-"""LeRobot v3.0 reader and writer (training/lerobot_dataset.py): round trips, LeRobot's own layout, bad input.
+"""LeRobot v3.0 reader and writer (training/lerobot_dataset.py, training/lerobot_writer.py): round trips,
+LeRobot's own layout, bad input.
 
 Reference values come from numpy on the generated arrays and from `tests/lerobot_v3_fixture.py`, a second
 implementation of the layout that shares no code with the module under test.
@@ -32,11 +33,10 @@ from training.lerobot_dataset import (
     EpisodeGroupedSampler,
     LeRobotMeta,
     LeRobotV3Dataset,
-    LeRobotV3Writer,
-    compute_stats,
     norm_stats_for_processor,
     open_lerobot_dataset,
 )
+from training.lerobot_writer import LeRobotV3Writer, compute_stats
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -186,7 +186,7 @@ def build_libero_checkpoint(root: Path) -> Path:
     """A tiny stage-3 checkpoint (`root/ckpt`) on a LIBERO-shaped dataset: the agent view and the wrist as
     `observation.images.image` / `image2`, 8-D state, 7-D actions (one training step: only the shapes matter)."""
     from tests.tiny_assets import build_tiny_model, build_tiny_processor
-    from training.lerobot_dataset import LeRobotV3Writer
+    from training.lerobot_writer import LeRobotV3Writer
     from training.stage3 import load_stage3_recipe, train_stage3
 
     features = {

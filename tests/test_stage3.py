@@ -18,7 +18,7 @@ from evaluation.policy import VipaPolicy
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
 from tests.tiny_assets import build_tiny_model, build_tiny_processor, run_offline_child
 from training.cli import main as cli_main
-from training.lerobot_dataset import LeRobotV3Writer
+from training.lerobot_writer import LeRobotV3Writer
 from training.stage3 import load_stage3_recipe, train_stage3
 
 TASK = "pick the cube"
