@@ -389,7 +389,7 @@ def test_collator_pads_state_and_actions_with_masks_by_hand(assets) -> None:
     """Two embodiments in one batch: each sample normalised with its own statistics, zero-padded to the head's
     widths, and the loss mask exactly 1 on its real steps and real dimensions."""
     from evaluation.policy import EmbodimentSpec
-    from training.stage3 import ActionCollator
+    from training.stage3_data import ActionCollator
 
     stats = {
         "a": {"state": {"mean": [1.0, 2.0], "std": [2.0, 4.0]}, "action": {"mean": [0.5], "std": [0.25]}},

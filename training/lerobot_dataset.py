@@ -742,23 +742,36 @@ class EpisodeGroupedSampler(torch.utils.data.Sampler[int]):
     def __len__(self) -> int:
         return self._len
 
-    def _grouped(self, rng: np.random.Generator, units: np.ndarray) -> list[int]:
-        out: list[int] = []
-        for g in range(0, len(units), self.blocks_in_flight):
-            group = np.concatenate([self._units[u] for u in units[g : g + self.blocks_in_flight]])
-            out += rng.permutation(group).tolist()
-        return out
+    def stream_groups(self) -> list[list[np.ndarray]]:
+        """This epoch's shuffled order as `num_streams` lists of block groups (what `__iter__` flattens).
+
+        A group is the dataset positions (int64) of `blocks_in_flight` decode blocks, shuffled together; its
+        blocks are decoded once if its samples are read together by one worker. A caller that mixes this order
+        with others (stage 3 mixes datasets) reorders whole groups only.
+        """
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(len(self._units))
+        streams = []
+        for s in range(self.num_streams):
+            mine = order[s :: self.num_streams]
+            streams.append(
+                [
+                    rng.permutation(
+                        np.concatenate([self._units[u] for u in mine[g : g + self.blocks_in_flight]])
+                    )
+                    for g in range(0, len(mine), self.blocks_in_flight)
+                ]
+            )
+        return streams
 
     def __iter__(self) -> Iterator[int]:
         if not self.shuffle:
             yield from (int(i) for u in self._units for i in u)
             return
-        rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(len(self._units))
+        streams = [[int(i) for g in groups for i in g] for groups in self.stream_groups()]
         if self.num_streams == 1:
-            yield from self._grouped(rng, order)
+            yield from streams[0]
             return
-        streams = [self._grouped(rng, order[s :: self.num_streams]) for s in range(self.num_streams)]
         b = self.batch_size
         for pos in range(0, max(len(st) for st in streams), b):
             for st in streams:

@@ -51,12 +51,7 @@ import numpy as np
 import torch
 from transformers.utils import logging as hf_logging
 
-from evaluation.policy import (
-    EmbodimentSpec,
-    prepare_observation_inputs,
-    read_policy_config,
-    zero_spatial_tokens,
-)
+from evaluation.policy import read_policy_config, zero_spatial_tokens
 from hand3d_dataset.atomic import write_json
 from modeling_vipa.configuration_vipa import VipaActionHeadConfig, VipaConfig
 from modeling_vipa.modeling_vipa import VipaForActionPrediction
@@ -73,6 +68,7 @@ from training.common import (
     world_size,
     write_training_summary,
 )
+from training.stage3_data import DataSource, attach_norm_stats, make_loader, open_sources
 
 logger = logging.getLogger("vipa.training.stage3")
 
@@ -81,14 +77,9 @@ STAGE3_RECIPES_DIR = RECIPES_DIR / "stage3"
 CHECKPOINTS = "checkpoints"  # OUTPUT/checkpoints/step-00000050: Accelerate states to resume from
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 _HEAD_FIELDS = tuple(VipaActionHeadConfig.__annotations__)
-# Recipe fields that may change between an interrupted run and its resumption (they do not change the result).
-_RESUME_FREE = {
-    "save_steps",
-    "save_total_limit",
-    "logging_steps",
-    "dataloader_num_workers",
-    "max_skip_fraction",
-}
+# Recipe fields that may change between an interrupted run and its resumption (they do not change the result;
+# dataloader_num_workers does: the epoch order gives each worker its own decode blocks, see stage3_data).
+_RESUME_FREE = {"save_steps", "save_total_limit", "logging_steps", "max_skip_fraction"}
 _LLM_LINEAR = r".*\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$"
 
 
@@ -127,7 +118,7 @@ class Stage3Recipe:
     save_total_limit: int = 2  # checkpoints kept on disk (oldest deleted)
     logging_steps: int = 10  # log the mean loss every N optimiser steps
     seed: int = 42  # fresh head init, data order, flow noise and tau, dropout
-    dataloader_num_workers: int = 0  # worker processes decoding frames and building inputs
+    dataloader_num_workers: int = 0  # worker processes decoding frames (the data order depends on it)
     max_skip_fraction: float = 0.01  # abort at start-up if more of the episodes than this are unusable
 
     def __post_init__(self) -> None:
@@ -355,230 +346,6 @@ def _set_modes(model: torch.nn.Module) -> None:
             module.eval()
 
 
-# ---- data ------------------------------------------------------------------------------------------------------
-@dataclass
-class _Source:
-    """One dataset of the run."""
-
-    path: str  # as given
-    dataset: Any  # LeRobotV3Dataset
-    spec: EmbodimentSpec  # cameras, widths, unnorm_key
-
-
-def open_sources(
-    data: str | os.PathLike | list[str | os.PathLike], recipe: Stage3Recipe, max_views: int, horizon: int
-) -> tuple[list[_Source], dict[str, Any]]:
-    """Open every dataset, check it at start-up and say what was left out.
-
-    Missing features, an unknown camera key, too many views, a vector feature of another shape, timestamps that
-    disagree with fps: `ValueError` naming the dataset, file, episode and feature (the reader's checks and ours).
-    Episodes with NaN / inf state or actions, empty ones, undecodable videos: skipped and counted by the reader;
-    more than `recipe.max_skip_fraction` of them is a `ValueError`. Returns the sources and the data report.
-    """
-    from training.lerobot_dataset import LeRobotMeta, LeRobotV3Dataset, open_lerobot_dataset
-
-    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
-    if not paths:
-        raise ValueError("data: at least one LeRobot v3 dataset is needed")
-    if len(paths) > 1 and recipe.unnorm_key is not None:
-        raise ValueError(
-            "recipe.unnorm_key names one dataset's statistics; with several datasets each uses its folder name"
-        )
-    sources, report = [], {"datasets": []}
-    for given in paths:
-        root = open_lerobot_dataset(given)
-        meta = LeRobotMeta.load(root)
-        where = f"dataset {str(given)!r}"
-        features = meta.features
-        for key in (recipe.state_key, recipe.action_key):
-            if key not in features:
-                raise ValueError(
-                    f"{where}: feature {key!r} missing from meta/info.json; it has {sorted(features)}"
-                )
-        cameras = list(recipe.camera_keys or meta.camera_keys)
-        unknown = [k for k in cameras if k not in meta.camera_keys]
-        if unknown:
-            raise ValueError(f"{where}: camera key(s) {unknown} not among its cameras {meta.camera_keys}")
-        if not cameras:
-            raise ValueError(f"{where}: no camera features (dtype video or image) in meta/info.json")
-        if len(cameras) > max_views:
-            raise ValueError(
-                f"{where}: {len(cameras)} cameras {cameras} but the model takes at most {max_views} frames; "
-                "choose some with recipe.camera_keys"
-            )
-        dims = {}
-        for part, key in (("state", recipe.state_key), ("action", recipe.action_key)):
-            shape = features[key].get("shape") or [1]
-            if len(shape) != 1:
-                raise ValueError(f"{where}: feature {key!r} must be a vector, got shape {shape}")
-            dims[part] = int(shape[0])
-        # the reader checks every episode: NaN/inf, empty episodes, damaged videos are counted skips in its report
-        dataset = LeRobotV3Dataset(
-            root,
-            camera_keys=cameras,
-            action_horizon=horizon,
-            state_key=recipe.state_key,
-            action_key=recipe.action_key,
-        )
-        total, skipped = len(meta.episodes), len(dataset.report["skipped_episodes"])
-        entry = {
-            "dataset": str(given),
-            "root": str(root),
-            "episodes": total,
-            "episodes_kept": dataset.report["episodes"],
-            "frames": len(dataset),
-            "skipped": dict(dataset.report["skipped"]),
-            "skipped_episodes": {str(k): v for k, v in list(dataset.report["skipped_episodes"].items())[:50]},
-        }
-        if skipped / max(total, 1) > recipe.max_skip_fraction:
-            raise ValueError(
-                f"{where}: {skipped} of {total} episodes unusable, more than max_skip_fraction="
-                f"{recipe.max_skip_fraction:.1%}: {list(entry['skipped_episodes'].values())[:5]}"
-            )
-        key = recipe.unnorm_key or Path(str(given).rstrip("/")).name
-        spec = EmbodimentSpec(
-            unnorm_key=key,
-            camera_keys=cameras,
-            state_key=recipe.state_key,
-            action_key=recipe.action_key,
-            state_dim=dims["state"],
-            action_dim=dims["action"],
-            fps=float(meta.fps),
-            n_action_steps=recipe.n_action_steps,
-        )
-        entry["unnorm_key"] = key
-        report["datasets"].append(entry)
-        sources.append(_Source(str(given), dataset, spec))
-    keys = [s.spec.unnorm_key for s in sources]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"data: two datasets share an unnorm_key (folder name) {keys}; rename a folder")
-    return sources, report
-
-
-def attach_norm_stats(processor: VipaProcessor, sources: list[_Source], recipe: Stage3Recipe) -> None:
-    """Put each dataset's statistics into the processor under its unnorm_key (replacing an older entry of that
-    name; other datasets' entries are kept). The processor has one norm mode for all its datasets."""
-    from training.lerobot_dataset import norm_stats_for_processor
-
-    mode = "min_max" if recipe.norm_mode == "quantile" else recipe.norm_mode
-    others = {k: v for k, v in processor.norm_stats.items() if k not in {s.spec.unnorm_key for s in sources}}
-    if others and processor.norm_mode != mode:
-        raise ValueError(
-            f"recipe.norm_mode={recipe.norm_mode!r} but the checkpoint's processor normalises its other datasets "
-            f"{sorted(others)} with {processor.norm_mode!r}; one processor has one mode"
-        )
-    stats = dict(others)
-    for source in sources:
-        meta = source.dataset.meta
-        stats.update(
-            norm_stats_for_processor(
-                meta, recipe.state_key, recipe.action_key, recipe.norm_mode, source.spec.unnorm_key
-            )
-        )
-    processor.norm_mode = mode
-    processor.norm_stats = processor._check_norm_stats(stats, mode)
-
-
-class _Concat(torch.utils.data.Dataset):
-    """The sources end to end; an item is (source index, the reader's sample dict)."""
-
-    def __init__(self, sources: list[_Source]) -> None:
-        self.sources = sources
-        self.offsets = np.cumsum([0] + [len(s.dataset) for s in sources])
-
-    def __len__(self) -> int:
-        return int(self.offsets[-1])
-
-    def __getitem__(self, index: int) -> tuple[int, dict]:
-        s = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        return s, self.sources[s].dataset[index - int(self.offsets[s])]
-
-
-class ActionCollator:
-    """Reader samples -> model inputs, normalised and padded to the head (see the module docstring).
-
-    Returns `input_ids, attention_mask, pixel_values, spatial_pixel_values, spatial_frame_mask` (as the policy
-    builds them), `state (B, S_head)`, `actions (B, H, A_head)`, `action_mask (B, H, A_head)` float (1 = loss).
-    """
-
-    def __init__(
-        self, processor: VipaProcessor, specs: list[EmbodimentSpec], state_dim: int, action_dim: int
-    ) -> None:
-        self.processor, self.specs = processor, specs
-        self.state_dim, self.action_dim = state_dim, action_dim
-
-    def __call__(self, items: list[tuple[int, dict]]) -> dict[str, torch.Tensor]:
-        batch = len(items)
-        frames, tasks = [], []
-        horizon = items[0][1][self.specs[items[0][0]].action_key].shape[0]
-        state = torch.zeros(batch, self.state_dim)
-        actions = torch.zeros(batch, horizon, self.action_dim)
-        mask = torch.zeros(batch, horizon, self.action_dim)
-        for b, (s, item) in enumerate(items):
-            spec = self.specs[s]
-            frames.append([item[k] for k in spec.camera_keys])
-            tasks.append(item["task"])
-            raw_state = torch.as_tensor(item[spec.state_key], dtype=torch.float32)
-            raw_actions = torch.as_tensor(item[spec.action_key], dtype=torch.float32)
-            state[b, : spec.state_dim] = self.processor.normalize_state(raw_state, spec.unnorm_key)
-            actions[b, :, : spec.action_dim] = self.processor.normalize_actions(raw_actions, spec.unnorm_key)
-            real = ~torch.as_tensor(item[f"{spec.action_key}_is_pad"], dtype=torch.bool)
-            mask[b, :, : spec.action_dim] = real[:, None].float()
-        inputs = prepare_observation_inputs(self.processor, frames, tasks)
-        return {**inputs, "state": state, "actions": actions, "action_mask": mask}
-
-
-class _EpochSampler(torch.utils.data.Sampler):
-    """This process's share of a seeded epoch order, starting `start` samples in (exact resume).
-
-    Each dataset's order is LeRobot-reader friendly (`EpisodeGroupedSampler`: shuffled blocks of consecutive
-    frames, so a video block is decoded once, not once per sample); the datasets' orders are cut into pieces of
-    `_PIECE` samples and the pieces shuffled together, so a batch can mix embodiments. Every epoch's order is a
-    function of (seed, epoch) alone: the data position of optimiser step s is known without replaying the data.
-    Whole batches only (the last incomplete one is dropped: all processes step together).
-    """
-
-    _PIECE = 64
-
-    def __init__(self, sources: list[_Source], batch: int, rank: int, processes: int, seed: int) -> None:
-        from training.lerobot_dataset import EpisodeGroupedSampler
-
-        self.samplers = [EpisodeGroupedSampler(s.dataset, seed=seed) for s in sources]
-        self.offsets = np.cumsum([0] + [len(s.dataset) for s in sources])
-        size = int(self.offsets[-1])
-        self.batch, self.rank, self.processes, self.seed = batch, rank, processes, seed
-        self.per_process = (size // processes) // batch * batch
-        if self.per_process == 0:
-            raise ValueError(
-                f"data: {size} samples cannot fill one batch of {batch} on each of {processes} process(es)"
-            )
-        self.epoch, self.start = 0, 0
-
-    @property
-    def batches_per_epoch(self) -> int:
-        return self.per_process // self.batch
-
-    def set_position(self, epoch: int, start_batch: int) -> None:
-        self.epoch, self.start = epoch, start_batch * self.batch
-
-    def epoch_order(self, epoch: int) -> np.ndarray:
-        """Every process's samples of `epoch`, interleaved (rank r takes positions r, r + P, ...)."""
-        pieces = []
-        for sampler, offset in zip(self.samplers, self.offsets[:-1], strict=False):
-            sampler.set_epoch(epoch)
-            order = np.fromiter(iter(sampler), dtype=np.int64) + offset
-            pieces += [order[i : i + self._PIECE] for i in range(0, len(order), self._PIECE)]
-        rng = np.random.default_rng([self.seed, epoch, 1])
-        return np.concatenate([pieces[i] for i in rng.permutation(len(pieces))])
-
-    def __iter__(self):
-        mine = self.epoch_order(self.epoch)[self.rank :: self.processes][: self.per_process]
-        return iter(mine[self.start :].tolist())
-
-    def __len__(self) -> int:
-        return self.per_process - self.start
-
-
 def masked_flow_loss(velocity: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Mean of (velocity - target)^2 over the entries where mask is 1 (real steps, real dimensions)."""
     err = (velocity.float() - target.float()) ** 2 * mask
@@ -771,25 +538,18 @@ def train_stage3(
         summary["total"],
     )
 
-    dataset = _Concat(sources)
-    sampler = _EpochSampler(
+    loader, sampler = make_loader(
         sources,
-        recipe.per_device_batch_size,
+        processor,
+        recipe,
+        head.state_dim,
+        head.action_dim,
         accelerator.process_index,
         accelerator.num_processes,
-        recipe.seed,
-    )
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=recipe.per_device_batch_size,
-        sampler=sampler,
-        collate_fn=ActionCollator(processor, [s.spec for s in sources], head.state_dim, head.action_dim),
-        num_workers=recipe.dataloader_num_workers,
-        generator=torch.Generator(),  # the loader's base seed never draws from the global RNG (exact resume)
     )
     report.update(
         {
-            "samples": len(dataset),
+            "samples": len(loader.dataset),
             "batches_per_epoch": sampler.batches_per_epoch,
             "start": dataclasses.asdict(start),
         }
@@ -905,7 +665,7 @@ def _save_final(
     accelerator: Any,
     model: Any,
     processor: VipaProcessor,
-    sources: list[_Source],
+    sources: list[DataSource],
     recipe: Stage3Recipe,
     start: StartPoint,
     run: _RunState,
