@@ -416,8 +416,8 @@ class LiberoSuite:
         return str(self.describe(suite)[index]["language"])
 
     def make(self, task: str, **options: Any) -> LiberoEnv:
-        """An environment for `task`; `options` override the suite's (e.g. `max_steps`); a different image size
-        or camera set needs its own suite (one simulator per suite)."""
+        """An environment for `task`; `options` override the suite's (e.g. `max_steps`). The suite's simulator
+        holds one LIBERO environment and rebuilds it when the task or the rendering options change."""
         config = LiberoConfig(**{**self.config.__dict__, **options}) if options else self.config
         return LiberoEnv(self, task, config)
 
