@@ -36,9 +36,11 @@ runs steps 3-6 only for the (frame, object) pairs without one; "pose" uses the d
 paper's pipeline, and the way to measure it against the poses). A posed centre counts on a frame only
 when it is in front of the camera and projects inside the image (`objects_from_poses`). A pose gives the
 centre, not the visible surface: with `localization.estimate="surface"`, "auto" estimates every object.
-In "auto" the estimator still runs on clips with images (the clip's calibrated scale is reported); when
-every position comes from a pose, the detector is not called, and an estimator that cannot run on the
-clip (e.g. `gt-depth` on a dataset without depth) or a failed calibration is a note, not a skip.
+In "auto" the estimator still runs on clips with images (the clip's calibrated scale is reported) and the
+detector only when some position lacks a pose. On a clip with poses, an estimate that cannot be made (an
+estimator or detector that cannot run on the clip, e.g. `gt-depth` or `gt-boxes` on a dataset without
+depth or segmentation; a failed calibration) is a note, and the positions without a pose stay empty; on a
+clip without any pose, "auto" is the estimate path, whose failures skip the clip.
 
 Nothing in a clip raises past `process_clip` for bad data: a clip that cannot be annotated comes
 back with `skipped` set to the reason, and frame-level drops (a blank frame, an object without a
@@ -304,16 +306,23 @@ def annotate_clip(
     if not use.any():
         return None, "no frame with a hand in view (visibility filter)", 0
     needed = bool(to_estimate[use].any())  # some position must come from the cloud
+
+    def posed_only(scale: float | None) -> ClipAnnotation:
+        return ClipAnnotation(clip, use, hand_visible, names, objects_cam, scale, target)
+
     if cfg.object_source == "pose":  # the dataset's poses only: no cloud, no scale
-        return ClipAnnotation(clip, use, hand_visible, names, objects_cam, None, target), None, 0
+        return posed_only(None), None, 0
+    # "auto" on a clip with poses: an estimate that cannot be made leaves the positions without a pose
+    # empty (noted) instead of dropping the poses with the clip; without any pose it is the estimate path
+    lenient = cfg.object_source == "auto" and bool(np.isfinite(objects_cam[use]).any())
+    unposed = "objects without a pose have no position" if needed else "every object position is a pose"
     try:
         pointmaps = estimate_clip(estimator, clip)  # (T, H, W, 3), shape checked there
     except ValueError as e:
-        if needed:
+        if not lenient:
             raise
-        # "auto" with every position from a pose: the cloud (only for the reported scale) is not needed
-        notes.append(f"cloud: not made ({e}); every object position comes from a pose")
-        return ClipAnnotation(clip, use, hand_visible, names, objects_cam, None, target), None, 0
+        notes.append(f"cloud: not made ({e}); {unposed}")
+        return posed_only(None), None, 0
     # joints of every hand in view on each used frame; others flagged invalid (calibrate_scale drops them)
     frames = np.flatnonzero(use)
     joints, valid = [], []
@@ -347,21 +356,21 @@ def annotate_clip(
             min_valid=cfg.min_valid_joints,
         )
         res = refined if refined.scale is not None else res
-    if res.scale is None and needed:
-        return None, f"scale calibration failed: {res.reason}", res.num_valid
-    if res.scale is None or not needed:
-        if res.scale is None:
-            notes.append(
-                f"cloud: scale calibration failed ({res.reason}); every object position comes from a pose"
-            )
-        return (
-            ClipAnnotation(clip, use, hand_visible, names, objects_cam, res.scale, target),
-            None,
-            res.num_valid,
-        )
+    if res.scale is None:
+        if not lenient:
+            return None, f"scale calibration failed: {res.reason}", res.num_valid
+        notes.append(f"cloud: scale calibration failed ({res.reason}); {unposed}")
+        return posed_only(None), None, res.num_valid
+    if not needed:  # every position is a pose: no boxes needed
+        return posed_only(res.scale), None, res.num_valid
     frame_ok = use
-
-    boxes = detect_clip(detector, clip)  # (T, O, 4), shape checked there
+    try:
+        boxes = detect_clip(detector, clip)  # (T, O, 4), shape checked there
+    except ValueError as e:
+        if not lenient:
+            raise
+        notes.append(f"boxes: not detected ({e}); {unposed}")
+        return posed_only(res.scale), None, res.num_valid
     for f in frames:
         cloud = pointmaps[f]
         hands_f = [

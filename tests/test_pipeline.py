@@ -312,6 +312,31 @@ def test_auto_with_every_object_posed_survives_an_estimator_that_cannot_run():
     assert r.skipped.startswith("invalid data") and "has no depth" in r.skipped
 
 
+def test_auto_keeps_the_poses_when_the_estimate_for_the_rest_cannot_be_made():
+    """A frame of the mug lacks a pose and the detector cannot run on the clip: the other positions stay the
+    poses and that one stays empty (noted); a clip without any pose is the estimate path (skipped)."""
+    from hand3d_dataset.pipeline import annotate_clip
+
+    class NoBoxes:
+        def detect_clip(self, clip):
+            raise ValueError(f"clip: {clip.clip_id} has no segmentation")
+
+    clip = make_clip(2)
+    o = [ob.name for ob in clip.objects].index("red mug")
+    want = np.einsum("tij,tj->ti", clip.R, clip.objects[o].position3d) + clip.t
+    clip.objects[o].position3d[0] = np.nan
+    notes = []
+    ann, reason, _ = annotate_clip(clip, GroundTruthDepthEstimator(), NoBoxes(), PipelineConfig(), notes)
+    assert reason is None and np.isnan(ann.objects_cam[0, o]).all()
+    seen = np.isfinite(ann.objects_cam[1:, o]).all(axis=1)
+    assert seen.any() and np.array_equal(ann.objects_cam[1:, o][seen], want[1:][seen])
+    assert any(n.startswith("boxes: not detected") for n in notes)
+    for ob in clip.objects:
+        ob.position3d = None
+    r = process_clip(clip, GroundTruthDepthEstimator(), NoBoxes(), PipelineConfig(), seed=0)
+    assert r.skipped.startswith("invalid data") and "no segmentation" in r.skipped
+
+
 def test_object_source_validation():
     with pytest.raises(ValueError, match="object_source: expected one of"):
         PipelineConfig(object_source="guess")

@@ -126,3 +126,11 @@ def test_pose_only_download_gives_trajectory_clips(data, tmp_path):
     full = H2oSource(data[0] / "data", load_depth=False).load_clip(CLIP_ID)
     np.testing.assert_array_equal(clip.R, full.R)
     np.testing.assert_array_equal(clip.hands["right"].joints3d, full.hands["right"].joints3d)
+
+
+def test_default_build_takes_object_positions_from_obj_pose(data, tmp_path):
+    """With the defaults (`--object-source auto`, gt-depth, gt-boxes) no learnt model is needed: H2O's object
+    centres give the spatial rows (gt-boxes, which needs a segmentation H2O lacks, is never asked for)."""
+    report = run_build("h2o", data[0] / "data", tmp_path / "out")
+    assert report["clips_done"] == 1 and report["samples"]["visual"]["train"]["spatial_relationship"] > 0
+    assert report["frame_drops"].get("boxes", 0) == 0
