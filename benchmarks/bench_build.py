@@ -78,7 +78,7 @@ def stage_shares(image_size: int, clips: int) -> dict[str, float]:
         t0 = time.perf_counter()
         clip = src.load_clip(cid)
         t1 = time.perf_counter()
-        process_clip(clip, estimator, detector, PipelineConfig(), seed=0)
+        process_clip(clip, estimator, detector, PipelineConfig(object_source="estimate"), seed=0)
         t2 = time.perf_counter()
         totals["render"] += t1 - t0
         totals["annotate + samples"] += t2 - t1

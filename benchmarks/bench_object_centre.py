@@ -75,7 +75,7 @@ def main() -> None:
             clip = src.load_clip(cid)
             n_clips += 1
             for e in ESTIMATES:
-                cfg = PipelineConfig(localization=LocalizationConfig(estimate=e))
+                cfg = PipelineConfig(localization=LocalizationConfig(estimate=e), object_source="estimate")
                 t0 = time.perf_counter()
                 res = process_clip(clip, est, det, cfg, seed=seed)
                 st = stats[e]

@@ -215,6 +215,7 @@ def test_corrupt_synth_inputs_are_skipped_with_reasons(tmp_path):
         frames=FRAMES,
         seed=SEED,
         progress=False,
+        object_source="estimate",  # the detector path (synth objects have poses, which `auto` would use)
     )
     report = build(
         cfg, source=_CorruptSynth(), estimator=GroundTruthDepthEstimator(seed=SEED), detector=_EmptyBoxes()
