@@ -169,6 +169,9 @@ def _build_dataset(cfg: MainJobConfig, data_dir: Path) -> None:
         BuildConfig(
             source="synth", num_clips=cfg.num_clips, out=str(data_dir), num_workers=cfg.num_workers,
             seed=cfg.seed, image_size=cfg.image_size, frames=cfg.frames,
+            # the paper's annotation path (point cloud + boxes), as for real video without object poses;
+            # `auto` would read synth's exact object poses instead
+            object_source="estimate",
         )
     )  # fmt: skip
 
