@@ -110,7 +110,7 @@ class BuildConfig:
     sources: str | None = None
     num_clips: int = 100  # first N clips of the source's order
     out: str = "hand3d"  # output folder (default ./hand3d, so load_dataset("hand3d", "visual") works)
-    num_workers: int = 1  # processes annotating clips; 1 runs in this process
+    num_workers: int = 1  # processes annotating clips; 1 runs in this process (ray: tasks/actors per stage)
     seed: int = 0  # source seed and sample seed
     image_size: int = 448  # rendered image side, pixels (synth)
     frames: int = 8  # frames per clip (synth)

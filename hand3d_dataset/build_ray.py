@@ -21,26 +21,29 @@ re-writing that scheduler, its backpressure and its retries by hand.
 
 Pipeline: one row per clip, ``{"pos": position in the work list, "state": pickled _ClipState}``.
 
-    stage      runs as                                  does
-    read       CPU task (1 CPU)                          source.load_clip (build.load_or_skip)
-    estimate   actor pool, only for a learnt estimator   model loaded once per actor; `batch_clips` clips
-               (num_gpus=1 when --device is cuda)        per call, through `estimate_batch(clips)` when the
-                                                         estimator has it (frames batched across clips)
-    detect     actor pool, only for a learnt detector    the same with `detect_batch(clips)`
-    annotate   CPU task (1 CPU)                          geometry, calibration, samples, PNGs
-                                                         (build.annotate_or_skip → pipeline.process_clip)
-    write      the driver, in clip order                 build.py: shards, markers, report.json, card
+    stage      runs as                                   does
+    read       CPU task (1 CPU)                           source.load_clip (build.load_or_skip)
+    models     actor pool, only for a learnt estimator    each actor loads the model(s) once, then runs
+               and/or detector (1 CPU, and 1 GPU when     `batch_clips` clips per call: the estimator, then
+               --device is cuda)                          the detector, through `estimate_batch(clips)` /
+                                                          `detect_batch(clips)` when the model has it
+                                                          (frames batched across clips), else clip by clip
+    annotate   CPU task (1 CPU)                           geometry, calibration, samples, PNGs
+                                                          (build.annotate_or_skip → pipeline.process_clip)
+    write      the driver, in clip order                  build.py: shards, markers, report.json, card
 
 Ground-truth models (gt-depth, gt-boxes) need no weights and run inside the annotate task; Ray Data then
 fuses read and annotate into one task per clip (nothing crosses the object store in between). A learnt
 model's result is handed to `process_clip` through `_Given`, which replays it (or the exception it raised)
 exactly where the pipeline asks for it, so every row and every skip reason equals the local runner's.
 
-Memory bound: each CPU stage runs at most `num_workers` tasks of one clip each, each actor pool at most
-`num_workers` actors with `batch_clips` clips per call; the queues between stages are bounded by Ray Data's
+Memory bound: each CPU stage runs at most `num_workers` tasks of one clip each, the model pool at most
+`num_workers` actors (fewer than the cluster's CPUs, or one per GPU) with `batch_clips` clips per call; the queues between stages are bounded by Ray Data's
 per-operator object-store budget (backpressure stops the read stage when downstream falls behind), so the
 frames in flight are O(num_workers · batch_clips) clips whatever the number of clips; the driver holds at
-most one shard of finished rows (output in order) plus the out-of-order results Ray buffers for it.
+most one shard of finished rows (output in order) plus the out-of-order results Ray buffers for it. What
+does grow with the number of clips is small: one block reference per `clips_per_block` clips in the driver
+and one ledger entry per clip in flight.
 
 Faults: a worker process that dies (killed, out of memory) has its task retried (`max_retries`) or its
 actor restarted and the call retried (`max_task_retries`); every result depends on (seed, clip_id) only, so
@@ -81,18 +84,19 @@ class RayEngineConfig:
     """Knobs of the Ray engine that do not change the output (none is part of the resume key)."""
 
     batch_clips: int = 4  # clips per call of a model actor (frames batched across them by *_batch hooks)
+    # clips per input block: 1 streams clip by clip; raise it for builds of ~1e5+ clips, where the driver's
+    # one object per block starts to count (a read task then holds this many clips)
+    clips_per_block: int = 1
     max_retries: int = 3  # re-runs of a task / actor call whose worker process died, before "worker lost"
     # object store of a Ray instance this build starts itself, bytes (None: Ray's default, 30% of memory)
     object_store_memory: int | None = None
     quiet: bool = True  # no Ray Data progress bars / info logs (the build has its own bar over clips)
 
     def __post_init__(self) -> None:
-        for name in ("batch_clips", "max_retries"):
+        for name, low in (("batch_clips", 1), ("clips_per_block", 1), ("max_retries", 0)):
             v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < (1 if name == "batch_clips" else 0):
-                raise ValueError(
-                    f"{name}: expected an integer >= {1 if name == 'batch_clips' else 0}, got {v!r}"
-                )
+            if isinstance(v, bool) or not isinstance(v, int) or v < low:
+                raise ValueError(f"{name}: expected an integer >= {low}, got {v!r}")
         if self.object_store_memory is not None and self.object_store_memory < 80 * 2**20:
             raise ValueError(
                 f"object_store_memory: expected >= 80 MiB (Ray's minimum), got {self.object_store_memory}"
@@ -160,6 +164,11 @@ class _Ledger:
 
     def note(self, pos: int, stage: str) -> None:
         self.attempts[(pos, stage)] = self.attempts.get((pos, stage), 0) + 1
+
+    def forget(self, pos: int) -> None:
+        """The clip came back: its attempts no longer matter (keeps the ledger to the clips in flight)."""
+        for stage in STAGES:
+            self.attempts.pop((pos, stage), None)
 
     def last(self, pos: int) -> tuple[str, int] | None:
         """(last stage started, attempts at it), or None when the clip never started."""
@@ -366,8 +375,8 @@ def _stream(ray, cfg, engine, work, adapters, models, pipeline, ledger) -> Itera
     est, det, pool = models
     n = cfg.num_workers
     items = [{"pos": j, "source": s, "clip_id": c} for j, (s, c) in enumerate(work)]
-    # one block per clip: a task reads one clip, and the stages stream clip by clip
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # one block per clip (by default): a task reads one clip, and the stages stream clip by clip
+    ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // engine.clips_per_block))
     task = dict(num_cpus=1, compute=ray.data.TaskPoolStrategy(size=n), max_retries=engine.max_retries)
     with warnings.catch_warnings():
         # max_retries / max_task_retries (re-runs after a worker died) have no named parameter in Ray 2.60; Ray
@@ -400,6 +409,7 @@ def _stream(ray, cfg, engine, work, adapters, models, pipeline, ledger) -> Itera
         while expected < pos:  # clips between the last result and this one were lost for good
             yield _lost(ray, ledger, work, expected, engine)
             expected += 1
+        ledger.forget.remote(pos)
         yield pickle.loads(row["result"])
         expected = pos + 1
     while expected < len(work):
