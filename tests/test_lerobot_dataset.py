@@ -540,6 +540,16 @@ def test_grouped_sampler_streams_keep_each_block_on_one_worker(lerobot_fixture):
     assert w0.isdisjoint(w1) and len(w0 | w1) == 9
     w0, w1 = blocks_per_worker(list(EpisodeGroupedSampler(ds, blocks_in_flight=2, seed=4)))  # one stream
     assert len(w0 & w1) >= 3  # without streams both workers decode most blocks
+    # stream_groups: per stream, groups of at most 2 whole blocks; together every frame once
+    streams = EpisodeGroupedSampler(
+        ds, blocks_in_flight=2, seed=4, batch_size=2, num_streams=2
+    ).stream_groups()
+    assert len(streams) == 2
+    for groups in streams:
+        for g in groups:
+            blocks = {block[int(i)] for i in g}
+            assert len(blocks) <= 2 and len(g) == 2 * len(blocks)  # blocks of 2 frames, never cut
+    assert sorted(int(i) for groups in streams for g in groups for i in g) == list(range(18))
     with pytest.raises(ValueError, match="batch_size"):
         EpisodeGroupedSampler(ds, num_streams=2)
 

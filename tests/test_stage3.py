@@ -426,6 +426,56 @@ def test_collator_pads_state_and_actions_with_masks_by_hand(assets) -> None:
     assert batch["pixel_values"].shape[0] == 3  # frames of both samples
 
 
+def test_epoch_sampler_whole_batches_to_ranks_and_each_block_on_one_worker(tmp_path) -> None:
+    """2 processes x 2 workers, batch 3, decode blocks of 4 frames over two datasets: rank r gets global
+    batches r, r + 2, ... (its k-th to worker k mod 2); every block is read by one (rank, worker) within one
+    group's span; resuming at batch 2 gives the rest of the same order."""
+    from evaluation.policy import EmbodimentSpec
+    from training.lerobot_dataset import LeRobotV3Dataset
+    from training.stage3_data import DataSource, EpochSampler
+
+    lengths = {"a": [40, 40, 40], "b": [36, 36]}  # multiples of 4: 48 blocks, 12 per stream, no tails
+    sources, block = [], {}
+    for name, eps in lengths.items():
+        write_dataset(tmp_path / name, [episode_arrays(n, seed=n) for n in eps])
+        ds = LeRobotV3Dataset(tmp_path / name, action_horizon=HORIZON, decode_block_frames=4)
+        sources.append(
+            DataSource(name, ds, EmbodimentSpec(name, list(FEATURES)[:1], state_dim=6, action_dim=5))
+        )
+        for e, n in enumerate(eps):  # positions in the concatenation, by hand
+            for t in range(n):
+                block[len(block)] = (name, e, t // 4)
+    total, batch, processes, workers = len(block), 3, 2, 2
+    reads: dict[tuple, set] = {}
+    seen = []
+    for rank in range(processes):
+        sampler = EpochSampler(sources, batch, rank, processes, workers, seed=3)
+        sampler.set_position(1, 0)
+        order = list(sampler)
+        assert sampler.batches_per_epoch == total // batch // processes == len(order) // batch
+        batches = [order[k : k + batch] for k in range(0, len(order), batch)]
+        for k, b in enumerate(batches):
+            for i in b:
+                reads.setdefault(block[i], set()).add((rank, k % workers))
+        for w in range(workers):  # a block's frames come within one group (8 blocks of 4) of reads
+            mine = [i for b in batches[w::workers] for i in b]
+            where: dict[tuple, list[int]] = {}
+            for pos, i in enumerate(mine):
+                where.setdefault(block[i], []).append(pos)
+            assert max(max(p) - min(p) for p in where.values()) < 8 * 4
+        sampler.set_position(1, 2)
+        assert list(sampler) == order[2 * batch :]  # exact resume mid-epoch
+        seen += order
+    assert len(seen) == len(set(seen)) == total // batch // processes * processes * batch
+    assert all(len(who) == 1 for who in reads.values()), [k for k, v in reads.items() if len(v) > 1][:5]
+    assert {block[i][0] for i in seen} == {"a", "b"}
+    again = EpochSampler(sources, batch, 0, processes, workers, seed=3)
+    again.set_position(1, 0)
+    first = list(again)
+    again.set_position(2, 0)
+    assert list(again) != first  # a new order every epoch, the same for (seed, epoch)
+
+
 def test_two_embodiments_in_one_run(assets, tmp_path) -> None:
     from tests.lerobot_v3_fixture import CAMERAS, build_v3_fixture
 

@@ -7,23 +7,23 @@ encodes, H.264 where PyAV has no AV1 encoder), "image" cameras are PNG cells in 
 computed here too (`compute_stats`, `aggregate_stats`): per episode into meta/episodes, over the dataset into
 meta/stats.json, in LeRobot's keys (mean, std, min, max, q01 ... q99, count).
 
-Usage (a 20-frame episode written, then read back):
+Usage (two episodes of two cameras; `training.lerobot_dataset.LeRobotV3Dataset(root)` reads them back):
 
     import numpy as np
-    from training.lerobot_dataset import LeRobotV3Dataset
     from training.lerobot_writer import LeRobotV3Writer
-    features = {
-        "observation.images.front": {"dtype": "video", "shape": [64, 64, 3], "names": ["height", "width", "channels"]},
-        "observation.state": {"dtype": "float32", "shape": [8], "names": None},
-        "action": {"dtype": "float32", "shape": [7], "names": None},
-    }
-    w = LeRobotV3Writer.create("demo_robot", fps=10, features=features)
-    for t in range(20):
-        w.add_frame({"observation.images.front": np.zeros((64, 64, 3), np.uint8),
-                     "observation.state": np.zeros(8, np.float32), "action": np.zeros(7, np.float32)},
-                    task="pick up the cup")
-    w.save_episode(); w.finalize()
-    ds = LeRobotV3Dataset("demo_robot", action_horizon=16)
+    cam = {"dtype": "video", "shape": [48, 64, 3], "names": ["height", "width", "channels"]}
+    vector = {"observation.state": 8, "action": 7}
+    features = {"observation.images.image": cam, "observation.images.wrist_image": cam}
+    features |= {k: {"dtype": "float32", "shape": [d], "names": None} for k, d in vector.items()}
+    w = LeRobotV3Writer.create("demo_two_cams", fps=20, features=features, robot_type="panda")
+    rng = np.random.default_rng(0)
+    for episode, length in enumerate((30, 25)):
+        for t in range(length):
+            frame = {k: rng.integers(0, 256, (48, 64, 3), dtype=np.uint8) for k in w.video_keys}
+            frame |= {k: rng.normal(size=d).astype(np.float32) for k, d in vector.items()}
+            w.add_frame(frame, task=f"task {episode}")
+        w.save_episode()
+    root = w.finalize()   # meta/info.json, stats.json, tasks.parquet and episodes/ are written last
 """
 
 from __future__ import annotations

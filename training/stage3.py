@@ -7,13 +7,14 @@ demonstrations with the flow-matching loss, the LLM trains with it, the semantic
 the head's action width; steps past an episode's end (`action_is_pad`) and padded dimensions carry no loss.
 The state is normalised and zero-padded to the head's state width, so one checkpoint can hold several
 embodiments (each dataset's statistics sit in the processor under its `unnorm_key`).
+Opening the datasets, the collator and the epoch order across processes and workers: `training.stage3_data`.
 
 Starting points (one command for all; the kind is detected and written to `training_summary.json`):
 
 - a stage-2 VIPA checkpoint (motion tokens present): the paper's VIPA-VLA;
 - a VIPA checkpoint without pretraining (`training.build_checkpoint`, fresh fusion, no motion tokens): Table 7;
 - a single-encoder checkpoint: the 3D branch is off, which this repository writes as fusion `alpha = 0`
-  (`training.pretrain_standins.disable_spatial_branch`); the fusion then stays frozen at 0 and CUT3R is not
+  (`cpu_demo.standins.disable_spatial_branch`); the fusion then stays frozen at 0 and CUT3R is not
   run (zero tokens in its layout stand in for it, exactly: V_f = V_sem); the paper's "InternVL3.5" baseline;
 - a stage-3 output (another embodiment, or more steps): its head is kept, its other datasets' statistics too.
 

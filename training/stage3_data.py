@@ -224,14 +224,16 @@ class EpochSampler(torch.utils.data.Sampler):
 
     Each dataset is read in the LeRobot reader's order: `EpisodeGroupedSampler(ds, batch_size=B,
     num_streams=S)`, S = W x P (DataLoader workers, at least 1, x processes), deals shuffled groups of a few
-    decode blocks (consecutive frames of one episode) to S streams. Each stream's groups of all datasets are
-    shuffled together as whole pieces (a group is never cut, so its blocks are read together; a batch can
-    still mix embodiments where two groups meet) and cut into batches of B; the streams then take turns,
-    one batch each. Whole batches go to processes: batch i to rank i mod P, and on that rank its k-th batch
-    to worker k mod W, so batch i is read by the worker of stream i mod S, and a decode block by one worker
-    only. Streams end unevenly: near the epoch's end the turns lose that alignment, and the streams' last
-    samples (under a batch each) are pooled into the final batches; the incomplete last batch is dropped and
-    every process gets (samples // B) // P batches, so all processes step together.
+    decode blocks (consecutive frames of one episode) to S streams; the datasets' streams are paired so that
+    the combined streams are about equally long. Each stream's groups of all datasets are shuffled together as
+    whole pieces (a group is never cut, so its blocks are read together; a batch still mixes embodiments where
+    two groups meet) and cut into batches of B; the streams then take turns, one batch each. Whole batches go
+    to processes: batch i to rank i mod P, and on that rank its k-th batch to worker k mod W, so batch i is
+    read by the worker of stream i mod S and a decode block by one worker only. Streams end unevenly: near
+    the epoch's end the turns lose that alignment, and the streams' last samples (under a batch each) are
+    pooled into the final batches; an incomplete last batch is dropped and every process gets
+    (samples // B) // P batches, so all processes step together. (A run resumed mid-epoch restarts the
+    DataLoader's turns at worker 0: the same samples, some blocks decoded twice in that epoch.)
 
     Every epoch's order is a function of (seed, epoch) for a given B, P and W: the data position of optimiser
     step s is known without replaying the data.
@@ -263,10 +265,15 @@ class EpochSampler(torch.utils.data.Sampler):
     def epoch_batches(self, epoch: int) -> list[np.ndarray]:
         """Every process's batches of `epoch` (int64 positions in `ConcatSources`), in global order."""
         streams: list[list[np.ndarray]] = [[] for _ in range(self.streams)]
+        totals = np.zeros(self.streams, np.int64)
         for sampler, offset in zip(self.samplers, self.offsets[:-1], strict=True):
             sampler.set_epoch(epoch)
-            for s, groups in enumerate(sampler.stream_groups()):
-                streams[s] += [g + offset for g in groups]
+            groups = sampler.stream_groups()
+            sizes = np.array([sum(map(len, g)) for g in groups])
+            # a dataset's longest streams join the shortest so far: even streams keep batches aligned longer
+            for mine, s in zip(np.argsort(-sizes, kind="stable"), np.argsort(totals, kind="stable")):
+                streams[s] += [g + offset for g in groups[mine]]
+                totals[s] += sizes[mine]
         rng = np.random.default_rng([self.seed, epoch, 1])
         b = self.batch
         turns, rest = [], []
