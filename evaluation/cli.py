@@ -20,9 +20,9 @@ import os
 import sys
 from pathlib import Path
 
-from evaluation.rollout import POLICY_KINDS, PolicySpec, RolloutConfig, evaluate_policies
+from evaluation.rollout import POLICY_KINDS, PolicySpec, RolloutConfig, evaluate_policies, policy_slug
 
-__all__ = ["main", "parse_policy", "training_dataset"]
+__all__ = ["format_table7", "main", "paired_comparison", "parse_policy", "table7_main", "training_dataset"]
 
 
 def parse_policy(value: str, **vipa_options) -> PolicySpec:
@@ -49,8 +49,172 @@ def training_dataset(checkpoint: str | os.PathLike) -> list[str]:
     return [d.strip() for d in data.split(",") if d.strip() and Path(d.strip()).is_dir()]
 
 
+TABLE7_ROWS = (  # paper Table 7: (row, start checkpoint inside a main-job folder)
+    ("VIPA-VLA", "vipa"),  # dual encoder + stages 1-2
+    ("- Pretraining", "standins/vipa_init"),  # dual encoder, fresh fusion, no stages 1-2
+    (
+        "- Dual Encoder",
+        "table7/single_encoder_stage2",
+    ),  # the single-encoder backbone through stage 2, no 3D branch
+    ("- Both", "single_encoder"),  # the single-encoder backbone alone
+)
+
+
+def paired_comparison(base: list[dict], other: list[dict]) -> dict:
+    """Episodes paired by (task, seed): how often only `base` succeeded, only `other` did, and the exact two-sided
+    sign-test p-value of that split (scipy's binomial test; 1.0 when no pair differs)."""
+    from scipy.stats import binomtest
+
+    theirs = {(r["task"], r["seed"]): bool(r["success"]) for r in other}
+    only_base = only_other = 0
+    for r in base:
+        key = (r["task"], r["seed"])
+        if key in theirs and bool(r["success"]) != theirs[key]:
+            only_base += bool(r["success"])
+            only_other += theirs[key]
+    n = only_base + only_other
+    p = binomtest(only_base, n, 0.5).pvalue if n else 1.0
+    return {"only_base": only_base, "only_other": only_other, "p_value": float(p)}
+
+
+def format_table7(summaries: dict[str, dict], tasks: list[str]) -> str:
+    """The paper's Table 7 shape: rows the four starting points, columns the tasks and the average (success %),
+    the drop against VIPA-VLA, and the paired split of episodes against VIPA-VLA."""
+    names = list(summaries)
+    base = summaries[names[0]]
+    head = (
+        "| Model | "
+        + " | ".join(tasks)
+        + " | Avg. (95 % CI) | paired vs VIPA-VLA (only VIPA / only this, p) |"
+    )
+    lines = [head, "|" + "---|" * (len(tasks) + 3)]
+    for name in names:
+        s = summaries[name]
+        cells = [f"{100 * s['per_task'][t]['success_rate']:.1f}" for t in tasks]
+        avg = 100 * s["overall"]["success_rate"]
+        lo, hi = (100 * x for x in s["overall"]["ci95"])
+        delta = "" if name == names[0] else f" ({avg - 100 * base['overall']['success_rate']:+.1f})"
+        if name == names[0]:
+            paired = "—"
+        else:
+            c = paired_comparison(base["records"], s["records"])
+            paired = f"{c['only_base']} / {c['only_other']}, p = {c['p_value']:.2f}"
+        lines.append(
+            f"| {name} | " + " | ".join(cells) + f" | {avg:.1f}{delta} [{lo:.0f}, {hi:.0f}] | {paired} |"
+        )
+    return "\n".join(lines)
+
+
+def table7_main(argv: list[str] | None = None) -> int:
+    """`vipa-eval table7 --run outputs/demo`: paper Table 7 at CPU scale from a main-job folder (see README)."""
+    parser = argparse.ArgumentParser(
+        prog="vipa-eval table7",
+        description="Stage 3 on the same Meta-World demonstrations from four starting points (VIPA-VLA; - pretraining; "
+        "- dual encoder; - both), same steps and seeds, evaluated closed loop on the same unseen seeds.",
+    )
+    parser.add_argument(
+        "--run", default="outputs/demo", help="a finished `make demo` folder (python -m cpu_demo)"
+    )
+    parser.add_argument("--steps", type=int, default=None, help="stage-3 steps (default: the main job's)")
+    parser.add_argument(
+        "--stage2-steps",
+        type=int,
+        default=None,
+        help="stage-2 steps of the single encoder (default: the main job's)",
+    )
+    parser.add_argument(
+        "--episodes", type=int, default=None, help="episodes per task (default: the main job's)"
+    )
+    parser.add_argument(
+        "--seed", type=int, default=None, help="first evaluation seed (default: the main job's)"
+    )
+    parser.add_argument("--num-workers", type=int, default=2, help="environment processes")
+    parser.add_argument("--out", default=None, help="output folder (default RUN/table7)")
+    args = parser.parse_args(argv)
+    try:
+        result = run_table7(args)
+    except (ValueError, ImportError, FileNotFoundError) as e:
+        print(f"vipa-eval table7: error: {e}", file=sys.stderr)
+        return 2
+    print(result["markdown"])
+    print(f"\nresults: {result['path']}", flush=True)
+    return 0
+
+
+def run_table7(args: argparse.Namespace) -> dict:
+    """Train (or reuse) the four stage-3 policies and evaluate them with the references; returns the table."""
+    from dataclasses import asdict
+
+    from evaluation.demos import check_disjoint_seeds
+    from evaluation.rollout import RolloutConfig, evaluate_policies
+    from hand3d_dataset.atomic import write_json
+    from training.common import TRAINING_MARKER, load_recipe
+    from training.stage3 import latest_checkpoint, train_stage3
+
+    run = Path(args.run)
+    job_path = run / "job_config.json"
+    if not job_path.is_file() or not (run / "robot" / "demos").is_dir():
+        raise ValueError(
+            f"--run: {run} is not a finished main-job folder with Meta-World demonstrations (make demo)"
+        )
+    job = json.loads(job_path.read_text())["main_job"]
+    steps = args.steps or job["robot_stage3_steps"]
+    out = Path(args.out or run / "table7")
+    demos = run / "robot" / "demos"
+    single_stage2 = run / "table7" / "single_encoder_stage2"
+    if not (
+        single_stage2 / TRAINING_MARKER
+    ).is_file():  # stage 1 trains only the fusion: nothing without a branch
+        from training.stage2 import train_stage2
+
+        recipe = load_recipe("cpu-tiny", max_steps=args.stage2_steps or job["stage2_steps"])
+        resume = single_stage2.is_dir() and any(
+            p.name.startswith("checkpoint-") for p in single_stage2.iterdir()
+        )
+        train_stage2(run / "single_encoder", run / "hand3d", single_stage2, recipe=recipe, resume=resume)
+    policies = []
+    for name, start in TABLE7_ROWS:
+        folder = out / policy_slug(name) / "stage3"
+        if (
+            name == "VIPA-VLA"
+            and steps == job["robot_stage3_steps"]
+            and (run / "runs" / "stage3" / TRAINING_MARKER).is_file()
+        ):
+            folder = run / "runs" / "stage3"  # the main job's own stage 3: same start, recipe, steps and seed
+        if not (folder / TRAINING_MARKER).is_file():
+            resume = latest_checkpoint(folder) is not None
+            train_stage3(run / start, demos, folder, recipe="cpu-tiny", resume=resume, max_steps=steps)
+        policies.append(PolicySpec("vipa", path=str(folder), name=name))
+    cfg = RolloutConfig(
+        out=str(out / "eval"), env="metaworld", tasks=job["robot_tasks"],
+        episodes=args.episodes or job["robot_eval_episodes"], seed=args.seed if args.seed is not None else job["robot_eval_seed"],
+        max_steps=job["robot_max_steps"], image_size=job["robot_image_size"], num_workers=args.num_workers,
+        videos_per_task=1, progress=True,
+    )  # fmt: skip
+    tasks = [t.strip() for t in job["robot_tasks"].split(",")]
+    check_disjoint_seeds(demos, tasks, cfg.seeds())
+    result = evaluate_policies(policies + [PolicySpec("expert"), PolicySpec("random")], cfg)
+    rows = {p.label: result["summaries"][p.label] for p in policies}
+    # the references on the same seeds close the table (ceiling and floor), compared with VIPA-VLA like the rows
+    markdown = format_table7(
+        {**rows, **{k: result["summaries"][k] for k in ("scripted expert", "random")}}, tasks
+    )
+    report = {
+        "rows": {k: {kk: vv for kk, vv in v.items() if kk != "records"} for k, v in rows.items()},
+        "paired_vs_vipa": {k: paired_comparison(rows["VIPA-VLA"]["records"], v["records"]) for k, v in rows.items() if k != "VIPA-VLA"},
+        "stage3_steps": steps, "settings": asdict(cfg), "markdown": markdown,
+    }  # fmt: skip
+    path = write_json(report, out / "table7.json")
+    (out / "table7.md").write_text(markdown + "\n")
+    return {"markdown": markdown, "path": str(path)}
+
+
 def main(argv: list[str] | None = None) -> int:
-    """The `vipa-eval` command; returns the exit status (2 on bad input, with the reason on stderr)."""
+    """The `vipa-eval` command; returns the exit status (2 on bad input, with the reason on stderr).
+    `vipa-eval table7 ...` runs the Table-7 ablation (`table7_main`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["table7"]:
+        return table7_main(argv[1:])
     parser = argparse.ArgumentParser(prog="vipa-eval", description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--policy", required=True, help="checkpoint folder, server:HOST:PORT, expert, noop or random"

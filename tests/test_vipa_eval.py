@@ -115,3 +115,30 @@ def test_bad_input_exits_with_a_reason(trained, tmp_path, capsys) -> None:
     assert "were demonstration scenes" in capsys.readouterr().err
     assert eval_main(["--policy", "expert", "--references", "vipa", "--tasks", "reach-v3", *base]) == 2
     assert "not reference policies" in capsys.readouterr().err
+
+
+def test_table7_pairs_episodes_by_seed_and_tests_the_split() -> None:
+    from math import comb
+
+    from evaluation.cli import format_table7, paired_comparison
+
+    def recs(successes):
+        return [{"task": "t", "seed": 1000 + i, "success": s} for i, s in enumerate(successes)]
+
+    base = recs([1, 1, 1, 1, 1, 0, 1, 0])
+    other = recs([0, 1, 0, 0, 0, 1, 1, 0])  # only base: seeds 0, 2, 3, 4; only other: seed 5
+    c = paired_comparison(base, other)
+    assert (c["only_base"], c["only_other"]) == (4, 1)
+    assert c["p_value"] == pytest.approx(
+        2 * sum(comb(5, k) for k in (0, 1)) / 2**5
+    )  # exact two-sided sign test
+    assert paired_comparison(base, base)["p_value"] == 1.0
+
+    def summary(records):
+        k, n = sum(r["success"] for r in records), len(records)
+        stats = {"success_rate": k / n, "ci95": [0.1, 0.9], "successes": k, "n": n}
+        return {"per_task": {"t": stats}, "overall": stats, "records": records}
+
+    table = format_table7({"VIPA-VLA": summary(base), "- Both": summary(other)}, ["t"])
+    assert table.splitlines()[2] == "| VIPA-VLA | 75.0 | 75.0 [10, 90] | — |"
+    assert table.splitlines()[3] == "| - Both | 37.5 | 37.5 (-37.5) [10, 90] | 4 / 1, p = 0.38 |"
