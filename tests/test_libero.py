@@ -132,6 +132,36 @@ def test_missing_environment_says_how_to_build_it(tmp_path) -> None:
         suite.instruction("libero_goal-0")
 
 
+def test_init_states_fall_back_to_a_full_unpickle_for_official_libero(tmp_path) -> None:
+    """hf-libero's get_task_init_states is torch.load with PyTorch's default weights_only=True, which refuses
+    LIBERO's pickled arrays; the fallback reads LIBERO's own file without that restriction."""
+    import pickle
+    from types import SimpleNamespace
+
+    import torch
+
+    from evaluation.envs.libero.sim import load_init_states
+
+    states = np.random.default_rng(0).normal(size=(50, 92))
+    (tmp_path / "libero_goal").mkdir()
+    torch.save(states, tmp_path / "libero_goal" / "task.pruned_init")
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(tmp_path / "libero_goal" / "task.pruned_init")  # what the official package does
+
+    class Official:
+        def get_task(self, i):
+            return SimpleNamespace(problem_folder="libero_goal", init_states_file="task.pruned_init")
+
+        def get_task_init_states(self, i):
+            return torch.load(tmp_path / "libero_goal" / "task.pruned_init")
+
+    np.testing.assert_array_equal(load_init_states(Official(), 0, str(tmp_path)), states)
+    bundled = SimpleNamespace(get_task_init_states=lambda i: states[:3].tolist())
+    np.testing.assert_array_equal(load_init_states(bundled, 0, str(tmp_path)), states[:3])
+    with pytest.raises(ValueError, match=r"expected \(N, D\) MuJoCo states"):
+        load_init_states(SimpleNamespace(get_task_init_states=lambda i: np.zeros(5)), 0, str(tmp_path))
+
+
 def test_worker_frames_by_hand() -> None:
     stream = io.BytesIO()
     write_frame(stream, b"abc")

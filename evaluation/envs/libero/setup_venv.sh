@@ -7,7 +7,7 @@
 #
 # Downloads every wheel first (timed, size printed), installs from them offline, checks that torchvision is
 # absent and that LIBERO imports with its assets, then writes VENV/.installed (a second run with the same
-# requirements does nothing). An official hf-libero install works with the same client: point
+# requirements does nothing). For an official hf-libero install (same LIBERO API; not run here: it pulls torchvision) point
 # VIPA_LIBERO_PYTHON at its interpreter instead.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../../.." && pwd)

@@ -33,6 +33,8 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
+import sys
 from typing import Any
 
 import numpy as np
@@ -44,6 +46,7 @@ __all__ = [
     "SUITES",
     "LiberoSimulator",
     "flip_image",
+    "load_init_states",
     "quat_to_axis_angle",
     "state_from_raw",
 ]
@@ -97,6 +100,29 @@ def state_from_raw(raw: dict[str, Any]) -> np.ndarray:
     ).astype(np.float32)
 
 
+def load_init_states(bench: Any, task_id: int, init_states_dir: str) -> np.ndarray:
+    """LIBERO's fixed initial states of a task, (N, D) float64 MuJoCo states (N = 50 in the four suites).
+
+    `bench.get_task_init_states` where it works. The official LIBERO (hf-libero) reads them with `torch.load`,
+    which PyTorch >= 2.6 refuses for these pickled arrays (`weights_only=True` by default); then the file is
+    read again with `weights_only=False`, as LeRobot does: it is LIBERO's own package data, not user input.
+    """
+    try:
+        states = bench.get_task_init_states(task_id)
+    except pickle.UnpicklingError:
+        import torch
+
+        task = bench.get_task(task_id)
+        path = os.path.join(init_states_dir, task.problem_folder, task.init_states_file)
+        states = torch.load(path, weights_only=False)
+    states = np.asarray(states, dtype=np.float64)
+    if states.ndim != 2 or len(states) == 0:
+        raise ValueError(
+            f"init states of task {task_id}: expected (N, D) MuJoCo states, got shape {states.shape}"
+        )
+    return states
+
+
 class LiberoSimulator:
     """One LIBERO environment at a time, driven by request maps (the worker's protocol; also used in process).
 
@@ -119,7 +145,13 @@ class LiberoSimulator:
     # ---- LIBERO ----------------------------------------------------------------------------------------------
     def _benchmark(self, suite: str) -> Any:
         if suite not in self._benchmarks:
-            from libero.libero import benchmark
+            try:
+                from libero.libero import benchmark
+            except EOFError as e:  # the official LIBERO's first import asks for a dataset folder with input()
+                raise ValueError(
+                    "LIBERO asked for its dataset folder on first import (~/.libero/config.yaml is missing); "
+                    f"answer it once: echo N | {sys.executable} -c 'import libero.libero'"
+                ) from e
 
             suites = benchmark.get_benchmark_dict()
             if suite not in suites:
@@ -175,7 +207,7 @@ class LiberoSimulator:
                 camera_widths=size,
                 camera_names=[CAMERAS[v] for v in views],
             )
-            self.init_states = np.asarray(bench.get_task_init_states(task_id))
+            self.init_states = load_init_states(bench, task_id, get_libero_path("init_states"))
             self.key = key
         return {
             "name": task.name,
