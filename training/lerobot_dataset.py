@@ -768,7 +768,7 @@ class EpisodeGroupedSampler(torch.utils.data.Sampler[int]):
         if not self.shuffle:
             yield from (int(i) for u in self._units for i in u)
             return
-        streams = [[int(i) for g in groups for i in g] for groups in self.stream_groups()]
+        streams = [np.concatenate(groups).tolist() if groups else [] for groups in self.stream_groups()]
         if self.num_streams == 1:
             yield from streams[0]
             return
