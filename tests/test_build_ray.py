@@ -25,7 +25,7 @@ from tests.hand3d_fake_source import EmptyBoxDetector, FakeSource, InterruptingS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(scope="module")
 def local_ray():
     """A private 2-CPU Ray instance; workers import `tests.*` (the injected fakes) from the repository."""
     ray.init(
@@ -155,11 +155,66 @@ def _same_output(a: Path, b: Path) -> None:
 
 
 # ---- tests -----------------------------------------------------------------------------------------------
-def test_ray_build_of_synth_equals_the_local_build(tmp_path):
-    common = dict(source="synth", num_clips=6, image_size=64, frames=4, shard_size=4, progress=False)
-    build(BuildConfig(out=str(tmp_path / "local"), **common))
-    report = build(BuildConfig(out=str(tmp_path / "ray"), engine="ray", num_workers=2, **common))
+def test_engine_settings_are_validated():
+    with pytest.raises(ValueError, match="engine: expected one of"):
+        BuildConfig(engine="spark")
+    with pytest.raises(
+        ValueError, match="ray_address: expected 'auto' or 'ray://HOST:PORT', got 'localhost:6379'"
+    ):
+        BuildConfig(engine="ray", ray_address="localhost:6379")
+    with pytest.raises(ValueError, match="ray_address: only used with engine 'ray'"):
+        BuildConfig(ray_address="auto")
+    a = BuildConfig(engine="ray", ray_address="ray://head:10001").resume_key()
+    assert a == BuildConfig().resume_key()  # the engine never changes a shard
+
+
+def test_missing_ray_extra_is_named_by_the_cli(tmp_path):
+    code = (
+        "import sys; sys.modules['ray'] = None\n"  # as if ray were not installed
+        "from hand3d_dataset.cli import main\n"
+        f"sys.exit(main(['build', '--engine', 'ray', '--num-clips', '1', '--out', {str(tmp_path / 'o')!r}]))\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert res.returncode == 2, res.stderr
+    assert 'pip install "vipa-vla[ray]"' in res.stderr and "Traceback" not in res.stderr
+
+
+def test_no_cluster_at_the_address_is_a_one_line_error(tmp_path):
+    """Runs before any test starts the module's Ray instance, so 'auto' finds no cluster."""
+    assert not ray.is_initialized()
+    args = [
+        "build",
+        "--engine",
+        "ray",
+        "--ray-address",
+        "auto",
+        "--num-clips",
+        "1",
+        "--out",
+        str(tmp_path / "o"),
+    ]
+    code = f"import sys; from hand3d_dataset.cli import main; sys.exit(main({args!r}))"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    res = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=120
+    )
+    assert res.returncode == 2, res.stderr
+    assert "ray_address: no Ray cluster at 'auto'" in res.stderr and "ray start --head" in res.stderr
+    assert "Traceback" not in res.stderr
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_ray_build_of_synth_equals_the_local_build(tmp_path, capfd):
+    common = dict(source="synth", num_clips=6, image_size=64, frames=4, shard_size=4)
+    build(BuildConfig(out=str(tmp_path / "local"), progress=False, **common))
+    capfd.readouterr()
+    report = build(
+        BuildConfig(out=str(tmp_path / "ray"), engine="ray", num_workers=2, progress=True, **common)
+    )
     assert report["clips_done"] + report["clips_skipped"] == 6 and report["this_run"]["clips_processed"] == 6
+    err = capfd.readouterr().err
+    assert err.count("hand3d: 100%") == 1 and "6/6" in err  # one bar over the clips, none of Ray Data's
+    common["progress"] = False
     _same_output(tmp_path / "local", tmp_path / "ray")
     # a finished build re-run touches nothing
     again = build(BuildConfig(out=str(tmp_path / "ray"), engine="ray", num_workers=2, **common))
@@ -167,6 +222,7 @@ def test_ray_build_of_synth_equals_the_local_build(tmp_path):
     _same_output(tmp_path / "local", tmp_path / "ray")
 
 
+@pytest.mark.usefixtures("local_ray")
 def test_resumed_build_with_killed_workers_equals_an_uninterrupted_build(tmp_path):
     """An interrupted local build is resumed on Ray (the resume key does not hold the engine), and during
     that run a read task's worker and a model actor's process are SIGKILLed; both are redone."""
@@ -195,6 +251,7 @@ def test_resumed_build_with_killed_workers_equals_an_uninterrupted_build(tmp_pat
     assert max(c["frames"] for c in calls) > 6  # FakeSource clips have 6 frames: > 1 clip in a call
 
 
+@pytest.mark.usefixtures("local_ray")
 def test_bad_inputs_and_lost_workers_are_counted_skips(tmp_path):
     """Corrupt clips, a folder missing on the workers, an estimator failing on one clip, an empty box, a
     clip whose worker dies on every attempt: skips with reasons; the rest equals the local runner's."""
@@ -232,27 +289,3 @@ def test_bad_inputs_and_lost_workers_are_counted_skips(tmp_path):
     assert got["frame_drops"] == local["frame_drops"]
     same = _files(tmp_path / "ray") == _files(tmp_path / "local")  # rows of clips 0, 4 and 8
     assert same
-
-
-def test_engine_settings_are_validated():
-    with pytest.raises(ValueError, match="engine: expected one of"):
-        BuildConfig(engine="spark")
-    with pytest.raises(
-        ValueError, match="ray_address: expected 'auto' or 'ray://HOST:PORT', got 'localhost:6379'"
-    ):
-        BuildConfig(engine="ray", ray_address="localhost:6379")
-    with pytest.raises(ValueError, match="ray_address: only used with engine 'ray'"):
-        BuildConfig(ray_address="auto")
-    a = BuildConfig(engine="ray", ray_address="ray://head:10001").resume_key()
-    assert a == BuildConfig().resume_key()  # the engine never changes a shard
-
-
-def test_missing_ray_extra_is_named_by_the_cli(tmp_path):
-    code = (
-        "import sys; sys.modules['ray'] = None\n"  # as if ray were not installed
-        "from hand3d_dataset.cli import main\n"
-        f"sys.exit(main(['build', '--engine', 'ray', '--num-clips', '1', '--out', {str(tmp_path / 'o')!r}]))\n"
-    )
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
-    assert res.returncode == 2, res.stderr
-    assert 'pip install "vipa-vla[ray]"' in res.stderr and "Traceback" not in res.stderr
