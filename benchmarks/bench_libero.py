@@ -2,6 +2,7 @@
 
 On one task (`libero_spatial-0`, settled initial state 0), at 128 x 128 with both cameras:
 (a) the simulator alone (zero actions) with shadows off (the client's default) and on: steps/s and the ratio;
+    every row is measured in interleaved segments (the shared machine's load changes in time);
 (b) closed loop through `vipa-serve` on loopback (a tiny stage-3 checkpoint, CPU) the way `vipa-eval` runs it:
     one server call per step (n_action_steps = 1: the worst case) and one per chunk of the checkpoint
     (n_action_steps = H = 4): steps/s, and the server's share of the wall time (its reported inference time)
@@ -30,61 +31,52 @@ from evaluation.envs.libero import LiberoSuite, libero_python  # noqa: E402
 from evaluation.rollout import PolicySpec, make_policy  # noqa: E402
 
 
-def sim_rate(suite: LiberoSuite, steps: int) -> tuple[float, float]:
-    """(steps/s of zero actions, seconds of one reset) on libero_spatial-0."""
-    env = suite.make("libero_spatial-0", max_steps=10_000)
-    env.reset(0)  # the first reset also builds the environment
-    tic = time.perf_counter()
-    env.reset(0)
-    reset_s = time.perf_counter() - tic
-    tic = time.perf_counter()
-    for _ in range(steps):
-        env.step(np.zeros(7))
-    return steps / (time.perf_counter() - tic), reset_s
-
-
 class Timed:
     """Wraps a policy served by PolicyServer and adds up its inference time."""
 
     def __init__(self, policy) -> None:
         self.policy, self.spec = policy, policy.spec
         self.horizon, self.n_action_steps = policy.horizon, policy.n_action_steps
-        self.infer_s, self.calls = 0.0, 0
+        self.infer_s = 0.0
 
     def predict_action_chunk(self, observation):
         tic = time.perf_counter()
         out = self.policy.predict_action_chunk(observation)
         self.infer_s += time.perf_counter() - tic
-        self.calls += 1
         return out
 
 
-def served_rate(suite: LiberoSuite, timed: Timed, port: int, n_action_steps: int, steps: int) -> dict:
-    policy = make_policy(PolicySpec("server", path=f"127.0.0.1:{port}", n_action_steps=n_action_steps), suite)
-    env = suite.make("libero_spatial-0", max_steps=10_000)
-    obs = env.reset(0)
-    policy.reset(env.task, 0)
-    timed.infer_s, timed.calls = 0.0, 0
-    client_s = 0.0
-    tic = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        action = policy.act(obs, env)
-        client_s += time.perf_counter() - t0
-        obs, *_ = env.step(np.clip(action, -1, 1))
-    wall = time.perf_counter() - tic
-    policy.client.close()
-    return {
-        "steps_per_s": steps / wall,
-        "server_share": timed.infer_s / wall,
-        "transfer_share": (client_s - timed.infer_s) / wall,
-        "calls": timed.calls,
-    }
+class Setting:
+    """One row: an environment (and a served policy or zero actions), timed over interleaved segments."""
+
+    def __init__(self, name: str, suite: LiberoSuite, policy=None, timed: Timed | None = None) -> None:
+        self.name, self.policy, self.timed = name, policy, timed
+        self.env = suite.make("libero_spatial-0", max_steps=10**6)
+        self.obs = self.env.reset(0)
+        if policy is not None:
+            policy.reset(self.env.task, 0)
+        self.steps, self.wall, self.infer, self.client = 0, 0.0, 0.0, 0.0
+
+    def run(self, steps: int) -> None:
+        infer0 = self.timed.infer_s if self.timed else 0.0
+        tic = time.perf_counter()
+        for _ in range(steps):
+            if self.policy is None:
+                action = np.zeros(7)
+            else:
+                t0 = time.perf_counter()
+                action = np.clip(self.policy.act(self.obs, self.env), -1, 1)
+                self.client += time.perf_counter() - t0
+            self.obs, *_ = self.env.step(action)
+        self.wall += time.perf_counter() - tic
+        self.steps += steps
+        self.infer += (self.timed.infer_s - infer0) if self.timed else 0.0
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--steps", type=int, default=40, help="steps per measurement")
+    parser.add_argument("--steps", type=int, default=40, help="steps per row")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved segments per row")
     parser.add_argument("--image-size", type=int, default=128, help="camera side, px")
     args = parser.parse_args()
     try:
@@ -99,32 +91,46 @@ def main() -> int:
     size = args.image_size
     fast = LiberoSuite(image_size=size)
     slow = LiberoSuite(image_size=size, fast_render=False)
-    rate_fast, reset_s = sim_rate(fast, args.steps)
-    rate_slow, _ = sim_rate(slow, max(5, args.steps // 4))
-    slow.close()
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = build_libero_checkpoint(Path(tmp))
         timed = Timed(VipaPolicy.from_pretrained(ckpt, device="cpu", noise_seed=0))
         server = PolicyServer(timed, host="127.0.0.1", port=0).start()
         try:
-            every = served_rate(fast, timed, server.port, 1, args.steps)
-            chunked = served_rate(fast, timed, server.port, timed.horizon, args.steps)
+            tic = time.perf_counter()
+            settings = [Setting("simulator alone, shadows off (default)", fast)]
+            reset_s = time.perf_counter() - tic  # the first reset also builds the environment
+            tic = time.perf_counter()
+            settings[0].env.reset(0)
+            reset_s = time.perf_counter() - tic
+            settings.append(Setting("simulator alone, shadows on", slow))
+            for name, n in (
+                ("through vipa-serve, a call per step", 1),
+                ("through vipa-serve, a call per 4-step chunk", 4),
+            ):
+                spec = PolicySpec("server", path=f"127.0.0.1:{server.port}", n_action_steps=n)
+                settings.append(Setting(name, fast, make_policy(spec, fast), timed))
+            # interleaved segments: the machine's load changes in time, every row sees the same share of it
+            for _ in range(args.rounds):
+                for setting in settings:
+                    setting.run(max(1, args.steps // args.rounds))
         finally:
             server.stop()
     fast.close()
-    print(f"LIBERO libero_spatial-0, {size}x{size}, agent view + wrist, {args.steps} steps per row")
+    slow.close()
+    base = settings[0].steps / settings[0].wall
+    print(
+        f"LIBERO libero_spatial-0, {size}x{size}, agent view + wrist, {settings[0].steps} steps per row in {args.rounds} interleaved rounds"
+    )
     print(f"{'setting':<46}{'steps/s':>9}{'x sim':>8}{'server':>9}{'transfer':>10}")
-    print(f"{'simulator alone, shadows off (default)':<46}{rate_fast:>9.2f}{1.0:>8.2f}{'':>9}{'':>10}")
-    print(f"{'simulator alone, shadows on':<46}{rate_slow:>9.2f}{rate_slow / rate_fast:>8.2f}{'':>9}{'':>10}")
-    for name, r in (
-        ("through vipa-serve, a call per step", every),
-        ("through vipa-serve, a call per 4-step chunk", chunked),
-    ):
-        print(
-            f"{name:<46}{r['steps_per_s']:>9.2f}{r['steps_per_s'] / rate_fast:>8.2f}"
-            f"{100 * r['server_share']:>8.1f}%{100 * r['transfer_share']:>9.1f}%"
-        )
-    print(f"reset (hard reset + initial state + 10 settle steps): {reset_s:.1f} s")
+    for st in settings:
+        rate = st.steps / st.wall
+        shares = ""
+        if st.policy is not None:
+            shares = f"{100 * st.infer / st.wall:>8.1f}%{100 * (st.client - st.infer) / st.wall:>9.1f}%"
+        print(f"{st.name:<46}{rate:>9.2f}{rate / base:>8.2f}{shares}")
+    print(
+        f"reset (hard reset + initial state + 10 settle steps, cameras off while settling): {reset_s:.1f} s"
+    )
     return 0
 
 
