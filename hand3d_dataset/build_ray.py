@@ -319,14 +319,16 @@ def _ray_session(cfg: BuildConfig, engine: RayEngineConfig, num_cpus: int):
 
 @contextmanager
 def ray_results(
-    cfg: BuildConfig, work: list[tuple[str, str]], init: tuple, engine: RayEngineConfig = DEFAULT
+    cfg: BuildConfig, work: list[tuple[str, str]], init: tuple, engine: RayEngineConfig | None = None
 ) -> Iterator[Iterator[ClipResult]]:
     """The Ray engine: `ClipResult`s of `work` ((source name, clip id) pairs), in order (build.py writes them).
 
     init: build.py's (cfg, adapters, estimator, detector, pipeline); estimator / detector None = the
     config's own, built once per actor (learnt) or per task (ground truth). Injected objects must pickle.
     A private Ray instance gets num_workers CPUs, plus one for the model pool when there is one.
+    engine: the engine's knobs; None reads the module's DEFAULT at call time (`build` passes none).
     """
+    engine = engine or DEFAULT
     _, adapters, estimator, detector, pipeline = init
     est, det, pool = _plan(cfg, estimator, detector)
     with _ray_session(cfg, engine, cfg.num_workers + (1 if pool else 0)) as ray:
