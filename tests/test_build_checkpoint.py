@@ -138,6 +138,21 @@ def test_cli_checkpoint_reloads_with_the_source_weights(sources: dict, tmp_path:
     assert int((child["input_ids"] == image_token).sum()) == 2 * 4
     assert child["logits"].shape == (*child["input_ids"].shape, vocab)
     assert torch.isfinite(child["logits"]).all()
+    assert json.loads((out / "config.json").read_text())["use_spatial_branch"] is True
+
+
+def test_cli_single_encoder_checkpoint_has_the_branch_off(sources: dict, tmp_path: Path):
+    """`--single-encoder`: the same weights, saved with use_spatial_branch=False (Table 7's '- dual encoder')."""
+    out = tmp_path / "single"
+    heads = [f"--{k.replace('_', '-')}={v}" for k, v in sources["heads"].items()]
+    cmd = [sys.executable, "-m", "training.build_checkpoint", "--internvl", str(sources["internvl"])]
+    cmd += ["--cut3r", str(sources["cut3r"]), "--out", str(out), "--spatial-size", "48", "64", *heads]
+    cmd += ["--single-encoder"]
+    result = subprocess.run(
+        cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert json.loads((out / "config.json").read_text())["use_spatial_branch"] is False
 
 
 def test_missing_and_unexpected_keys_are_listed(sources: dict, tmp_path: Path):

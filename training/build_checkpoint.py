@@ -226,14 +226,19 @@ def build_checkpoint(
     spatial_image_size: tuple[int, int] = (384, 512),
     fusion_config: VipaFusionConfig | None = None,
     dtype: torch.dtype = torch.float32,
+    single_encoder: bool = False,
     **cut3r_heads: int,
 ) -> tuple[VipaForConditionalGeneration, VipaProcessor]:
     """Build model + processor (see `build_model`, `build_processor`) and save both to `out_dir`.
 
     motion_tokens: add `<motion_0>`..`<motion_1023>`, `<motion>`, `</motion>` to the tokenizer and the
         embeddings (stage 2 needs them; stage 1 does not).
+    single_encoder: save with `use_spatial_branch=False`: InternVL alone (CUT3R and the fusion are kept in
+        the file but never run), the "- dual encoder" start of the paper's ablation (Table 7) and its
+        InternVL3.5 baseline (Table 5).
     """
     model = build_model(internvl_dir, cut3r_path, fusion_config=fusion_config, dtype=dtype, **cut3r_heads)
+    model.config.use_spatial_branch = not single_encoder
     processor = build_processor(internvl_dir, model.config, spatial_image_size)
     if motion_tokens:
         add_motion_tokens(model, processor)
@@ -257,6 +262,11 @@ def main(argv: list[str] | None = None) -> int:
         "--spatial-size", type=int, nargs=2, default=(384, 512), metavar=("H", "W"), help="CUT3R input size"
     )
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument(
+        "--single-encoder",
+        action="store_true",
+        help="InternVL alone (use_spatial_branch=False): the ablation's '- dual encoder' start point",
+    )
     # head counts are invisible in tensor shapes; the defaults are the official checkpoint's
     add_head_arguments(parser)
     args = parser.parse_args(argv)
@@ -268,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
             motion_tokens=args.motion_tokens,
             spatial_image_size=tuple(args.spatial_size),
             dtype=getattr(torch, args.dtype),
+            single_encoder=args.single_encoder,
             **head_counts(args),
         )
     except ValueError as e:
