@@ -291,3 +291,20 @@ def test_bad_inputs_and_lost_workers_are_counted_skips(tmp_path, monkeypatch):
     assert got["frame_drops"] == local["frame_drops"]
     same = _files(tmp_path / "ray") == _files(tmp_path / "local")  # rows of clips 0, 4 and 8
     assert same
+
+
+@pytest.mark.usefixtures("local_ray")
+def test_learnt_models_named_by_the_config_run_in_the_model_pool(tmp_path):
+    """depth-anything:<folder> and grounding-dino:<folder> (tiny random weights) are loaded inside the
+    pool's actor from the config, and give the local runner's rows."""
+    from tests.test_estimators import tiny_depth_anything, tiny_grounding_dino
+
+    tiny_depth_anything("metric").save_pretrained(tmp_path / "da")
+    dino, processor = tiny_grounding_dino(tmp_path)
+    dino.save_pretrained(tmp_path / "gd")
+    processor.save_pretrained(tmp_path / "gd")
+    models = dict(estimator=f"depth-anything:{tmp_path / 'da'}", detector=f"grounding-dino:{tmp_path / 'gd'}")
+    local = build(_cfg(tmp_path / "local", 2, **models), source=FakeSource(2))
+    got = build(_cfg(tmp_path / "ray", 2, engine="ray", num_workers=2, **models), source=FakeSource(2))
+    assert got["skipped"] == local["skipped"] and got["clips_done"] == local["clips_done"]
+    _same_output(tmp_path / "local", tmp_path / "ray")
