@@ -2,7 +2,7 @@
 
     >>> from evaluation.envs import ENVIRONMENTS
     >>> sorted(ENVIRONMENTS)
-    ['metaworld']
+    ['libero', 'metaworld']
 
 A suite (`get_suite(name)`) knows its tasks and makes one environment per task; `vipa-eval` and `vipa-demos`
 only talk to these two protocols, so other environments (LIBERO through the policy server, a real robot) plug
@@ -73,6 +73,7 @@ class EnvSuite(Protocol):
 
 
 ENVIRONMENTS: dict[str, str] = {  # registry name -> "module:class"
+    "libero": "evaluation.envs.libero:LiberoSuite",  # simulator in .venv-libero worker processes (make libero-venv)
     "metaworld": "evaluation.envs.metaworld:MetaWorldSuite",
 }
 
