@@ -183,6 +183,21 @@ def _note(ledger, pos: int, stage: str) -> None:
     ray.get(ledger.note.remote(pos, stage))
 
 
+def _dumps_state(state: _ClipState, stage: str) -> bytes:
+    """The pickled state; a clip that does not pickle (an adapter's unpicklable `meta`) becomes a skip naming
+    the stage, instead of a failed Ray task that would read as a lost worker."""
+    try:
+        return _dumps(state)
+    except Exception as e:
+        failed = _ClipState(state.source, state.clip_id)
+        failed.result = ClipResult(
+            clip_id=state.clip_id,
+            source=state.source,
+            skipped=f"ray {stage} stage: the clip's data do not pickle: {type(e).__name__}: {e}",
+        )
+        return _dumps(failed)
+
+
 def _read(row: dict, *, adapters: dict, ledger) -> dict:
     """read stage: one clip from its source adapter."""
     pos = int(row["pos"])
@@ -193,7 +208,7 @@ def _read(row: dict, *, adapters: dict, ledger) -> dict:
         state.result = got
     else:
         state.clip = got
-    return {"pos": pos, "state": _dumps(state)}
+    return {"pos": pos, "state": _dumps_state(state, "read")}
 
 
 def _annotate(row: dict, *, cfg: BuildConfig, pipeline, estimator, detector, ledger) -> dict:
@@ -208,7 +223,12 @@ def _annotate(row: dict, *, cfg: BuildConfig, pipeline, estimator, detector, led
         est = estimator if estimator is not None else _Given(state, "estimate")
         det = detector if detector is not None else _Given(state, "detect")
         state.result = annotate_or_skip(state.clip, est, det, pipeline, cfg.seed)
-    return {"pos": pos, "result": _dumps(state.result)}
+    try:
+        out = _dumps(state.result)
+    except Exception as e:  # a row value that does not pickle: a skip naming the stage, not a "lost worker"
+        why = f"ray annotate stage: the clip's rows do not pickle: {type(e).__name__}: {e}"
+        out = _dumps(ClipResult(clip_id=state.clip_id, source=state.source, skipped=why))
+    return {"pos": pos, "result": out}
 
 
 def _run_model(stage: str, model, clips: list[Clip]) -> list[tuple[np.ndarray | None, BaseException | None]]:
@@ -265,7 +285,8 @@ class _ModelStage:
                     s.outputs[stage] = out
                 if stage == "estimate" and hasattr(model, "true_scale"):
                     s.true_scale = float(model.true_scale(s.clip_id))
-        return {"pos": np.asarray(batch["pos"]), "state": np.array([_dumps(s) for s in states], dtype=object)}
+        out = np.array([_dumps_state(s, "models") for s in states], dtype=object)
+        return {"pos": np.asarray(batch["pos"]), "state": out}
 
 
 def _inline(obj) -> bool:
@@ -427,5 +448,5 @@ def _lost(ray, ledger, work, pos: int, engine: RayEngineConfig) -> ClipResult:
         clip_id=clip_id,
         source=source,
         skipped=f"worker lost: the process running clip {clip_id} died {where} (killed or out of memory; "
-        f"max_retries {engine.max_retries})",
+        f"max_retries {engine.max_retries}; the Ray logs of the session say which)",
     )

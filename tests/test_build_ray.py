@@ -56,11 +56,13 @@ class KillOnceSource(FakeSource):
 
 class HostileSource(FakeSource):
     """Clips in `missing` live on a folder mounted only where the build started (the driver); the worker
-    reading clip `kill_at` dies on every attempt (as one whose frames always exhaust the memory)."""
+    reading clip `kill_at` dies on every attempt (as one whose frames always exhaust the memory); clip
+    `unpicklable` carries a lock in its meta (an adapter keeping a handle there)."""
 
-    def __init__(self, driver_pid: int, missing: set[int], kill_at: int, **kw) -> None:
+    def __init__(self, driver_pid: int, missing: set[int], kill_at: int, unpicklable: int, **kw) -> None:
         super().__init__(**kw)
         self.driver_pid, self.missing, self.kill_at = driver_pid, set(missing), kill_at
+        self.unpicklable = unpicklable
 
     def load_clip(self, clip_id: str):
         index = int(clip_id.rsplit("-", 1)[1])
@@ -68,7 +70,12 @@ class HostileSource(FakeSource):
             raise FileNotFoundError(f"/mnt/driver-only/{clip_id}/frames: no such folder on this node")
         if index == self.kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
-        return super().load_clip(clip_id)
+        clip = super().load_clip(clip_id)
+        if index == self.unpicklable:
+            import threading
+
+            clip.meta["handle"] = threading.Lock()
+        return clip
 
 
 class LoggingEstimator:
@@ -255,19 +262,19 @@ def test_resumed_build_with_killed_workers_equals_an_uninterrupted_build(tmp_pat
 @pytest.mark.usefixtures("local_ray")
 def test_bad_inputs_and_lost_workers_are_counted_skips(tmp_path, monkeypatch):
     """Corrupt clips, a folder missing on the workers, an estimator failing on one clip, an empty box, a
-    clip whose worker dies on every attempt: skips with reasons; the rest equals the local runner's."""
+    clip whose worker dies on every attempt, a clip that does not pickle: skips with reasons; the rest equals
+    the local runner's."""
     corrupt = {1: "unreadable", 2: "nan_joints", 3: "out_of_view", 4: "empty_box"}
     log = str(tmp_path / "model.log")
     kw = dict(estimator=LoggingEstimator(log, fail_at=5), detector=EmptyBoxDetector())
     # reference: the local runner, with the clips that only fail on Ray workers unreadable
-    local = _local(
-        tmp_path / "local", FakeSource(9, corrupt={**corrupt, 6: "unreadable", 7: "unreadable"}), **kw
-    )
-    src = HostileSource(os.getpid(), missing={6}, kill_at=7, num_clips=9, corrupt=corrupt)
+    ray_only = {6: "unreadable", 7: "unreadable", 9: "unreadable"}
+    local = _local(tmp_path / "local", FakeSource(10, corrupt={**corrupt, **ray_only}), **kw)
+    src = HostileSource(os.getpid(), missing={6}, kill_at=7, unpicklable=9, num_clips=10, corrupt=corrupt)
     monkeypatch.setattr(build_ray, "DEFAULT", build_ray.RayEngineConfig(max_retries=1))  # 2 deaths, not 4
     got = _ray(tmp_path / "ray", src, **kw)
     reasons = {s["clip_id"]: s["reason"] for s in got["skipped"]}
-    assert set(reasons) == {f"fake-s0-{i:04d}" for i in (1, 2, 3, 5, 6, 7)}
+    assert set(reasons) == {f"fake-s0-{i:04d}" for i in (1, 2, 3, 5, 6, 7, 9)}
     assert "unreadable" in reasons["fake-s0-0001"] and "non-finite" in reasons["fake-s0-0002"]
     assert "no frame with a hand in view" in reasons["fake-s0-0003"]
     assert (
@@ -277,16 +284,19 @@ def test_bad_inputs_and_lost_workers_are_counted_skips(tmp_path, monkeypatch):
     lost = reasons["fake-s0-0007"]
     assert lost.startswith("worker lost: the process running clip fake-s0-0007 died in stage 'read'")
     assert "after 2 attempts" in lost and "max_retries 1" in lost  # each attempt a real worker death
+    assert reasons["fake-s0-0009"].startswith("ray read stage: the clip's data do not pickle: TypeError")
     # everything else is skipped exactly as the local runner skips it
     want = {s["clip_id"]: s["reason"] for s in local["skipped"]}
-    assert {k: v for k, v in reasons.items() if k not in ("fake-s0-0006", "fake-s0-0007")} == {
-        k: v for k, v in want.items() if k not in ("fake-s0-0006", "fake-s0-0007")
+    only = {f"fake-s0-{i:04d}" for i in ray_only}
+    assert {k: v for k, v in reasons.items() if k not in only} == {
+        k: v for k, v in want.items() if k not in only
     }
     assert got["skip_reasons"] == {
         "load failed": 3,  # unreadable frame, NaN joints (the Clip refuses them), the worker-only folder
         "no frame with a hand in view (visibility filter)": 1,
         "pipeline error": 1,
         "worker lost": 1,
+        "ray read stage": 1,
     }
     assert got["frame_drops"] == local["frame_drops"]
     same = _files(tmp_path / "ray") == _files(tmp_path / "local")  # rows of clips 0, 4 and 8
