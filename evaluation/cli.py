@@ -209,6 +209,14 @@ def run_table7(args: argparse.Namespace) -> dict:
     return {"markdown": markdown, "path": str(path)}
 
 
+def _demo_options(dataset: str | os.PathLike) -> dict:
+    """The suite options (image_size, max_steps) a `vipa-demos` dataset was recorded with; {} for others."""
+    from evaluation.demos import DEMOS_META
+
+    path = Path(dataset) / DEMOS_META
+    return json.loads(path.read_text()).get("suite_options", {}) if path.is_file() else {}
+
+
 def main(argv: list[str] | None = None) -> int:
     """The `vipa-eval` command; returns the exit status (2 on bad input, with the reason on stderr).
     `vipa-eval table7 ...` runs the Table-7 ablation (`table7_main`)."""
@@ -229,9 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seed", type=int, default=1000, help="seed of episode 0 of each task (episode k: seed + k)"
     )
-    parser.add_argument("--max-steps", type=int, default=None, help="episode cap (default: the suite's, 500)")
     parser.add_argument(
-        "--image-size", type=int, default=128, help="camera side, px (use the demonstrations')"
+        "--max-steps",
+        type=int,
+        default=None,
+        help="episode cap (default: the checkpoint's demonstrations', else 500)",
+    )
+    parser.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="camera side, px (default: the checkpoint's demonstrations', else 128)",
     )
     parser.add_argument("--num-workers", type=int, default=1, help="environment processes")
     parser.add_argument("--videos", type=int, default=1, help="MP4s of the first episodes of each task")
@@ -264,16 +280,20 @@ def main(argv: list[str] | None = None) -> int:
         if bad:
             raise ValueError(f"--references: {bad} are not reference policies (expert, noop, random)")
         specs = [spec] + [PolicySpec(r) for r in refs if r != spec.kind]
+        demos = [args.demos] if args.demos else (training_dataset(spec.path) if spec.kind == "vipa" else [])
+        # the scenes as the policy saw them in training: the camera size and episode cap of its demonstrations
+        recorded = _demo_options(demos[0]) if demos else {}
+        image_size = args.image_size or recorded.get("image_size") or 128
+        max_steps = args.max_steps or recorded.get("max_steps")
         cfg = RolloutConfig(
             out=args.out, env=args.env, tasks=args.tasks, episodes=args.episodes, seed=args.seed,
-            max_steps=args.max_steps, image_size=args.image_size, num_workers=args.num_workers,
+            max_steps=max_steps, image_size=image_size, num_workers=args.num_workers,
             videos_per_task=args.videos, episode_timeout_s=args.timeout, progress=not args.no_progress,
         )  # fmt: skip
         from evaluation.demos import check_disjoint_seeds
         from evaluation.envs import get_suite
 
         tasks = [t for _, t in get_suite(cfg.env, **cfg.suite_options()).resolve_tasks(cfg.tasks)]
-        demos = [args.demos] if args.demos else (training_dataset(spec.path) if spec.kind == "vipa" else [])
         for dataset in demos:
             check_disjoint_seeds(dataset, tasks, cfg.seeds())
         result = evaluate_policies(specs, cfg)

@@ -155,7 +155,7 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
     assert len(videos) == 3 and all(v.stat().st_size > 0 for v in videos)
     # vipa-eval in a fresh process on the same checkpoint and seeds: the same episodes as the main job
     cli = [sys.executable, "-m", "evaluation.cli", "--policy", str(out / "runs" / "stage3"), "--tasks", "reach-v3",
-           "--episodes", "1", "--seed", "1000", "--max-steps", "60", "--image-size", "32", "--no-references",
+           "--episodes", "1", "--seed", "1000", "--no-references",
            "--videos", "0", "--no-progress", "--out", str(tmp_path / "vipa_eval")]  # fmt: skip
     ran = subprocess.run(cli, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert ran.returncode == 0, ran.stderr[-3000:]
