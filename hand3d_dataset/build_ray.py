@@ -1,4 +1,4 @@
-"""The Ray engine of `hand3d build` (`--engine ray`): the same output folder as the local runner, on a cluster.
+"""The Ray engine of `hand3d build` (`--engine ray`): the local runner's output folder, built on a cluster.
 
 Usage (a private local Ray instance of `num_workers` CPUs, started and stopped by the build):
 
@@ -8,7 +8,7 @@ Usage (a private local Ray instance of `num_workers` CPUs, started and stopped b
 
 On an existing cluster (`ray start --head` on the head node, `ray start --address HEAD:6379` on the others):
 
-    hand3d build --engine ray --ray-address auto --source synth --num-clips 100000 --num-workers 64 --out hand3d
+    hand3d build --engine ray --ray-address auto --num-clips 100000 --num-workers 64 --out hand3d
     ray job submit --address http://HEAD:8265 -- hand3d build --engine ray --ray-address auto ...
 
 Why Ray Data (not Ray core): the build is a linear per-clip pipeline whose stages need different resources
@@ -38,12 +38,12 @@ model's result is handed to `process_clip` through `_Given`, which replays it (o
 exactly where the pipeline asks for it, so every row and every skip reason equals the local runner's.
 
 Memory bound: each CPU stage runs at most `num_workers` tasks of one clip each, the model pool at most
-`num_workers` actors (fewer than the cluster's CPUs, or one per GPU) with `batch_clips` clips per call; the queues between stages are bounded by Ray Data's
-per-operator object-store budget (backpressure stops the read stage when downstream falls behind), so the
-frames in flight are O(num_workers · batch_clips) clips whatever the number of clips; the driver holds at
-most one shard of finished rows (output in order) plus the out-of-order results Ray buffers for it. What
-does grow with the number of clips is small: one block reference per `clips_per_block` clips in the driver
-and one ledger entry per clip in flight.
+`num_workers` actors (fewer than the cluster's CPUs, or one per GPU) with `batch_clips` clips per call; the
+queues between stages are bounded by Ray Data's per-operator object-store budget (backpressure stops the
+read stage when downstream falls behind), so the frames in flight are O(num_workers · batch_clips) clips
+whatever the number of clips; the driver holds at most one shard of finished rows (output in order) plus
+the out-of-order results Ray buffers for it. What does grow with the number of clips is small: one block
+reference per `clips_per_block` clips in the driver and one ledger entry per clip in flight.
 
 Faults: a worker process that dies (killed, out of memory) has its task retried (`max_retries`) or its
 actor restarted and the call retried (`max_task_retries`); every result depends on (seed, clip_id) only, so
@@ -142,8 +142,14 @@ class _Given:
 
     def __init__(self, state: _ClipState, stage: str) -> None:
         self._out, self._err = state.outputs.get(stage), state.errors.get(stage)
-        if stage == "estimate" and state.true_scale is not None:
-            self.true_scale = lambda clip_id, s=state.true_scale: s
+        if stage == "estimate" and (state.true_scale is not None or "true_scale" in state.errors):
+            self._scale, self._scale_err = state.true_scale, state.errors.get("true_scale")
+            self.true_scale = self._true_scale
+
+    def _true_scale(self, clip_id: str) -> float:
+        if self._scale_err is not None:
+            raise self._scale_err
+        return self._scale
 
     def _replay(self, clip: Clip) -> np.ndarray:
         if self._err is not None:
@@ -284,19 +290,22 @@ class _ModelStage:
                 else:
                     s.outputs[stage] = out
                 if stage == "estimate" and hasattr(model, "true_scale"):
-                    s.true_scale = float(model.true_scale(s.clip_id))
+                    try:
+                        s.true_scale = float(model.true_scale(s.clip_id))
+                    except Exception as e:  # raised in process_clip, as the local runner raises it
+                        s.errors["true_scale"] = _portable(e)
         out = np.array([_dumps_state(s, "models") for s in states], dtype=object)
         return {"pos": np.asarray(batch["pos"]), "state": out}
 
 
 def _inline(obj) -> bool:
-    """Ground-truth models hold no weights and run inside the annotate task; anything else gets an actor pool."""
+    """Ground-truth models hold no weights and run inside the annotate task; anything else gets the pool."""
     return isinstance(obj, (GroundTruthDepthEstimator, GroundTruthBoxDetector))
 
 
 def _plan(cfg: BuildConfig, estimator, detector) -> tuple[object, object, dict]:
     """(estimator run in the annotate task or None, detector likewise, {stage: model or None} of the model
-    pool). Ground truth runs inline; a learnt model (None = the config's, built in each actor) gets the pool."""
+    pool). Ground truth runs inline; a learnt model (None: the config's, built in each actor) gets the pool."""
     inline, pool = {}, {}
     for stage, obj, gt, make in (
         ("estimate", estimator, cfg.estimator == "gt-depth", make_estimator),
@@ -342,7 +351,7 @@ def _ray_session(cfg: BuildConfig, engine: RayEngineConfig, num_cpus: int):
 def ray_results(
     cfg: BuildConfig, work: list[tuple[str, str]], init: tuple, engine: RayEngineConfig | None = None
 ) -> Iterator[Iterator[ClipResult]]:
-    """The Ray engine: `ClipResult`s of `work` ((source name, clip id) pairs), in order (build.py writes them).
+    """The Ray engine: the `ClipResult`s of `work` ((source name, clip id) pairs), in order, for build.py.
 
     init: build.py's (cfg, adapters, estimator, detector, pipeline); estimator / detector None = the
     config's own, built once per actor (learnt) or per task (ground truth). Injected objects must pickle.
@@ -402,8 +411,8 @@ def _stream(ray, cfg, engine, work, adapters, models, pipeline, ledger) -> Itera
     ds = ray.data.from_items(items, override_num_blocks=-(-len(items) // engine.clips_per_block))
     task = dict(num_cpus=1, compute=ray.data.TaskPoolStrategy(size=n), max_retries=engine.max_retries)
     with warnings.catch_warnings():
-        # max_retries / max_task_retries (re-runs after a worker died) have no named parameter in Ray 2.60; Ray
-        # Data's own default is -1, retry forever, which would hang a build on a clip that always kills its worker
+        # max_retries / max_task_retries (re-runs after a worker died) have no named parameter in Ray 2.60;
+        # Ray Data's default is -1, retry forever: a clip that always kills its worker would hang the build
         warnings.filterwarnings(
             "ignore", message=".*ray_remote_args.*deprecated", category=DeprecationWarning
         )
