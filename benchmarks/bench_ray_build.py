@@ -8,7 +8,8 @@ the local runner with 1 and 2 workers, and the Ray engine on a private local ins
 Ray instance is started before the clock (its start-up is its own column: a cluster is started once, not
 per build); the first build on it includes starting the worker processes and their imports, a second build
 on the same instance ("2nd") does not. Ratios are times against the local runner with 1 worker measured in
-the same run; the issue's bound is Ray 1 worker <= 1.3x. Ray's "1 worker" is one CPU for the tasks; its
+the same run; the issue's bound is Ray 1 worker <= 1.3x. One row runs Ray with 4 clips per block
+(`RayEngineConfig.clips_per_block`): a quarter of the tasks to schedule. Ray's "1 worker" is one CPU for the tasks; its
 driver (which writes the shards) is a second process, as in any Ray job.
 
 Table 2: peak resident memory (VmHWM) of the driver and of the largest Ray worker process while building
@@ -47,10 +48,16 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_build import _Timed  # noqa: E402  (the per-method timer of the local runner's benchmark)
 
 
-def _rate(workers: int, engine: str, clips: int, size: int, frames: int) -> tuple[float, float, float]:
+def _rate(
+    workers: int, engine: str, clips: int, size: int, frames: int, clips_per_block: int = 1
+) -> tuple[float, float, float]:
     """(clips/min of the build, clips/min of a second build on the same Ray instance, seconds to start Ray;
     the last two 0 for the local runner)."""
     import ray
+
+    from hand3d_dataset import build_ray
+
+    build_ray.DEFAULT = build_ray.RayEngineConfig(clips_per_block=clips_per_block)
 
     def one() -> float:
         with tempfile.TemporaryDirectory() as out:
@@ -182,20 +189,27 @@ def main() -> None:
         table.add_column(col)
     base = None
     rates = {}
-    for engine, workers in (("local", 1), ("ray", 1), ("local", 2), ("ray", 2)):
-        rate, warm, startup = _rate(workers, engine, args.clips, size, frames)
-        rates[(engine, workers)] = (rate, warm)
+    for engine, workers, per_block in (
+        ("local", 1, 1),
+        ("ray", 1, 1),
+        ("ray", 1, 4),
+        ("local", 2, 1),
+        ("ray", 2, 1),
+    ):
+        rate, warm, startup = _rate(workers, engine, args.clips, size, frames, per_block)
+        rates[(engine, workers, per_block)] = (rate, warm)
         base = base or rate
         table.add_row(
-            engine, str(workers), f"{rate:.1f}", f"{base / rate:.2f}×", f"{warm:.1f}" if warm else "",
+            engine + (f", {per_block} clips/block" if per_block > 1 else ""), str(workers), f"{rate:.1f}", f"{base / rate:.2f}×", f"{warm:.1f}" if warm else "",
             f"{base / warm:.2f}×" if warm else "", f"{startup:.1f}" if startup else "",
         )  # fmt: skip
     console.print(table)
-    cold, warm = (rates[("local", 1)][0] / r for r in rates[("ray", 1)])
-    console.print(
-        f"Ray overhead with 1 worker: {cold:.2f}× the local runner's time on a fresh instance (worker processes "
-        f"start and import), {warm:.2f}× on the second build (bound 1.3×)"
-    )
+    for per_block in (1, 4):
+        cold, warm = (rates[("local", 1, 1)][0] / r for r in rates[("ray", 1, per_block)])
+        console.print(
+            f"Ray overhead with 1 worker, {per_block} clip(s) per block: {cold:.2f}× the local runner's time on a "
+            f"fresh instance (workers start and import), {warm:.2f}× on the second build (bound 1.3×)"
+        )
 
     table = Table(
         title="bench_ray_build: peak resident memory (VmHWM), Ray engine, 2 workers, 128 px, 4 frames"

@@ -212,10 +212,12 @@ def test_no_cluster_at_the_address_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.usefixtures("local_ray")
-def test_ray_build_of_synth_equals_the_local_build(tmp_path, capfd):
+def test_ray_build_of_synth_equals_the_local_build(tmp_path, capfd, monkeypatch):
     common = dict(source="synth", num_clips=6, image_size=64, frames=4, shard_size=4)
     build(BuildConfig(out=str(tmp_path / "local"), progress=False, **common))
     capfd.readouterr()
+    # blocks of 2 clips here (the other tests run the default, 1): the order and the rows do not change
+    monkeypatch.setattr(build_ray, "DEFAULT", build_ray.RayEngineConfig(clips_per_block=2))
     report = build(
         BuildConfig(out=str(tmp_path / "ray"), engine="ray", num_workers=2, progress=True, **common)
     )
