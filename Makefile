@@ -5,7 +5,7 @@ PY_SYS  ?= python3
 VENV    := .venv
 PY      := $(VENV)/bin/python
 STAMP   := $(VENV)/.installed
-EXTRAS  ?= train,sim,sources,robot,demo,dev
+EXTRAS  ?= train,sim,sources,robot,demo,ray,dev
 # CPU torch: constraints keep every dependency from pulling the CUDA build (see constraints-cpu.txt).
 export PIP_CONSTRAINT := $(CURDIR)/constraints-cpu.txt
 export MUJOCO_GL ?= egl
