@@ -48,6 +48,7 @@ report.json, card), so the engine never changes the output folder.
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import multiprocessing as mp
@@ -527,6 +528,16 @@ def _report(
     }
 
 
+# Distributed engines: registry name -> "module:function" (a context manager like `_local_results`), imported
+# only when asked for (Ray is an extra); the engine module imports this one, never the other way round.
+_ENGINE_MODULES = {"ray": "hand3d_dataset.build_ray:ray_results"}
+
+
+def _engine(name: str):
+    module, fn = _ENGINE_MODULES[name].split(":")
+    return getattr(importlib.import_module(module), fn)
+
+
 def build(
     cfg: BuildConfig,
     *,
@@ -595,10 +606,7 @@ def build(
         total=len(items), initial=len(items) - len(work), unit="clip", disable=not cfg.progress, desc="hand3d"
     )
     init = (cfg, adapters, estimator, detector, pipeline)
-    if cfg.engine == "ray":
-        from hand3d_dataset.build_ray import ray_results as engine
-    else:
-        engine = _local_results
+    engine = _local_results if cfg.engine == "local" else _engine(cfg.engine)
     try:
         with engine(cfg, work, init) as it:
             for k in todo:

@@ -24,16 +24,13 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 
 from evaluation.policy import EmbodimentSpec, prepare_observation_inputs
 from processing_vipa.processing_vipa import VipaProcessor
-
-if TYPE_CHECKING:  # stage3 imports this module; the recipe is only a type here
-    from training.stage3 import Stage3Recipe
 
 __all__ = [
     "ActionCollator",
@@ -57,7 +54,7 @@ class DataSource:
 
 
 def open_sources(
-    data: str | os.PathLike | list[str | os.PathLike], recipe: Stage3Recipe, max_views: int, horizon: int
+    data: str | os.PathLike | list[str | os.PathLike], recipe: Any, max_views: int, horizon: int
 ) -> tuple[list[DataSource], dict[str, Any]]:
     """Open every dataset, check it at start-up and say what was left out.
 
@@ -146,7 +143,7 @@ def open_sources(
     return sources, report
 
 
-def attach_norm_stats(processor: VipaProcessor, sources: list[DataSource], recipe: Stage3Recipe) -> None:
+def attach_norm_stats(processor: VipaProcessor, sources: list[DataSource], recipe: Any) -> None:
     """Put each dataset's statistics into the processor under its unnorm_key (replacing an older entry of that
     name; other datasets' entries are kept). The processor has one norm mode for all its datasets."""
     from training.lerobot_dataset import norm_stats_for_processor
@@ -299,7 +296,7 @@ class EpochSampler(torch.utils.data.Sampler):
 def make_loader(
     sources: list[DataSource],
     processor: VipaProcessor,
-    recipe: Stage3Recipe,
+    recipe: Any,
     state_dim: int,
     action_dim: int,
     rank: int,
