@@ -18,14 +18,14 @@ used on them. This module's unpickler resolves only a fixed table of globals:
 Every other global is refused with `ValueError` naming it and the file. Strided views are bounds-checked
 against their storage, so a crafted tensor cannot read outside it.
 
-    >>> import io, pickle, numpy as np
+    >>> import io, os, pickle, numpy as np
     >>> from hand3d_dataset.safe_pickle import loads
     >>> loads(pickle.dumps({"a": np.arange(3), "b": [1.5, "x"]}))["a"]
     array([0, 1, 2])
-    >>> loads(pickle.dumps(print))
+    >>> loads(pickle.dumps(os.system))
     Traceback (most recent call last):
     ...
-    ValueError: <bytes>: refusing to unpickle global 'builtins.print'; this file may only hold arrays, tensors and plain containers
+    ValueError: <bytes>: refusing to unpickle global 'posix.system'; this file may only hold arrays, tensors and plain containers
 
 File-level entry point: `load(path)` sniffs the format (torch zip / legacy torch / joblib / pickle).
 """
