@@ -445,8 +445,13 @@ def test_every_trainer_runs_float32_on_cpu_unless_asked(
     assert trainer.args.bf16 is False and trainer.args.fp16 is False
     assert trainer.accelerator.mixed_precision == "no"
     assert backbone_sft_args(StandinConfig.quick(), tmp_path / "b").bf16 is False
-    asked = build_trainer(1, Recipe(**{**TINY, "bf16": True}), tiny_checkpoint, hand3d, tmp_path / "c")
-    assert asked.args.bf16 is True  # the user asked: bf16 autocast on CPU too
+    try:
+        asked = build_trainer(1, Recipe(**{**TINY, "bf16": True}), tiny_checkpoint, hand3d, tmp_path / "c")
+        assert asked.args.bf16 is True  # the user asked: bf16 autocast on CPU too
+    finally:  # accelerate keeps one process-wide state: later tests in this process must not inherit bf16
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
     assert mixed_precision() == "no" and resolve_bf16(False) is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
