@@ -82,7 +82,9 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
         }
         if phase == "backbone":  # the single encoder: CUT3R and the fusion skipped
             model.config.use_spatial_branch = False
-            params = [p for n, p in model.named_parameters() if not n.startswith(("model.spatial", "model.fusion"))]
+            params = [
+                p for n, p in model.named_parameters() if not n.startswith(("model.spatial", "model.fusion"))
+            ]
             inputs["spatial_pixel_values"] = torch.zeros(batch, 1, 3, S, S)
         else:  # stage 1: only the fusion trains; V_spa come from the spatial cache (precomputed tokens)
             params = list(model.model.fusion.parameters())
@@ -163,7 +165,9 @@ def main() -> None:
     print(f"\n{'phase':<10}{'setting':<{width}}{'quiet s/step':>14}{'busy s/step':>14}{'busy/quiet':>12}")
     for phase, rows in results.items():
         for setting, r in rows.items():
-            print(f"{phase:<10}{setting:<{width}}{r['quiet_s']:>14.4f}{r['busy_s']:>14.4f}{r['ratio']:>11.2f}x")
+            print(
+                f"{phase:<10}{setting:<{width}}{r['quiet_s']:>14.4f}{r['busy_s']:>14.4f}{r['ratio']:>11.2f}x"
+            )
     if a.json:
         a.json.write_text(json.dumps(results, indent=2))
 

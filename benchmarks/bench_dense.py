@@ -20,8 +20,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from modeling_vipa.modeling_vipa import VipaForConditionalGeneration  # noqa: E402
-from tests.hand3d_fake_source import make_clip  # noqa: E402
 from cpu_demo.dense_names import DenseNameLoss  # noqa: E402
 from cpu_demo.standins import (  # noqa: E402
     StandinConfig,
@@ -29,6 +27,8 @@ from cpu_demo.standins import (  # noqa: E402
     build_standin_tokenizer,
     standin_vipa_config,
 )
+from modeling_vipa.modeling_vipa import VipaForConditionalGeneration  # noqa: E402
+from tests.hand3d_fake_source import make_clip  # noqa: E402
 
 
 def main() -> None:

@@ -73,7 +73,6 @@ ACTION_FEATURES = Features(
 )
 
 
-
 @dataclass
 class ClipAnnotation:
     """What the sample builders read: the clip plus the pipeline's 3D annotations (T frames, O objects)."""
@@ -144,5 +143,3 @@ def empty_target() -> dict:
         "trajectory": [],  # (T, 3) list of [x, y, z], metres, camera frame of the first listed frame
         "text": "",  # canonical answer text (language.format_displacement / format_rotation)
     }
-
-

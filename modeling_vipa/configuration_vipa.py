@@ -57,7 +57,7 @@ class VipaFusionConfig(PreTrainedConfig):
 
     num_heads: int = 16  # attention heads of the cross-attention (attention_dim must divide by it)
     attention_dim: int = 1024  # width of the shared attention space that W_q and W_kv project into
-    dropout: float = 0.1  # dropout on LN(F_spa), last before the residual add (paper: "dropout ... to stabilize")
+    dropout: float = 0.1  # dropout on LN(F_spa), last before the residual add (paper: "to stabilize")
     attention_dropout: float = 0.0  # dropout on the attention weights
     alpha_init: float = 0.5  # initial value of the learnable residual scale alpha (paper §4.1)
     norm_position: str = "branch"  # "branch": LayerNorm on F_spa; "output": on V_sem + alpha F_spa

@@ -113,6 +113,7 @@ def test_project_matches_homogeneous_matrix_product_with_batched_intrinsics():
 
 def test_torch_tensors_are_accepted():
     import torch
+
     pts = torch.tensor([[0.1, -0.2, 2.0]], dtype=torch.float32)
     uv, _ = project(pts, torch.tensor(_k()))
     np.testing.assert_allclose(uv, [[500 * 0.05 + 160.3, 480 * -0.1 + 119.7]], rtol=1e-6)

@@ -247,6 +247,7 @@ def test_bad_input(preds, targets, tasks, match):
 def test_targets_through_a_parquet_struct_column():
     # Published targets are one struct column: every row gets the union of keys, missing ones as None.
     import pyarrow as pa
+
     cam = {"rotation": "turn left", "angle_deg": 12.4}
     still_cam = {"rotation": None, "angle_deg": 0.3}
     rows = pa.Table.from_pylist([{"target": LDF}, {"target": cam}, {"target": still_cam}]).to_pylist()

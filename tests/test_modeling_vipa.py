@@ -444,6 +444,7 @@ def test_action_bad_input(action_model: VipaForActionPrediction) -> None:
 def test_end_to_end_with_the_tiny_processor() -> None:
     """The processor's batch feeds the model as is; motion tokens and un-normalisation go through it."""
     import tests.tiny_assets as tiny_assets
+
     processor = tiny_assets.build_tiny_processor()
     model = tiny_assets.build_tiny_model(processor, seed=6, model_class=VipaForActionPrediction)
     make_image = tiny_assets.make_image

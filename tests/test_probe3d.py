@@ -155,7 +155,9 @@ def test_answer_nll_scores_exactly_the_answer_tokens_and_ablates_the_branch():
     # alpha = 0 is the branch off exactly: "3D branch off" (CUT3R and the fusion skipped) scores the same
     with torch.no_grad():
         model.model.fusion.alpha.zero_()
-    assert answer_nll(model, processor, row)[0] == pytest.approx(scores["3D branch off (alpha = 0)"], rel=1e-6)
+    assert answer_nll(model, processor, row)[0] == pytest.approx(
+        scores["3D branch off (alpha = 0)"], rel=1e-6
+    )
     # with the branch off, what CUT3R says cannot matter: all three agree
     with torch.no_grad():
         model.model.fusion.alpha.zero_()

@@ -144,6 +144,7 @@ def write_hand3d(root: Path, rows: dict[str, list[dict]], drop_columns: tuple[st
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised tiny VIPA checkpoint (model + processor), fusion dropout on (RNG must resume)."""
     import tests.tiny_assets as tiny_assets
+
     processor = tiny_assets.build_tiny_processor()
     model = tiny_assets.build_tiny_model(processor, fusion_layer_config=VipaFusionConfig.tiny(dropout=0.1))
     out = tmp_path_factory.mktemp("vipa_tiny")

@@ -15,6 +15,7 @@ ANSWERS = [f"The hand is left and down of the cup, 0.{i + 1} m." for i in range(
 
 def test_sft_trainer_assistant_only_loss_decreases(tmp_path) -> None:
     import tests.tiny_assets as tiny_assets
+
     processor = tiny_assets.build_tiny_processor()
     ivl = internvl_tiny_config(image_token_id=processor.image_token_id)
     ivl.text_config.vocab_size = len(processor.tokenizer)
