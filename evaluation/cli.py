@@ -98,7 +98,7 @@ def format_table7(summaries: dict[str, dict], tasks: list[str]) -> str:
             paired = "—"
         else:
             c = paired_comparison(base["records"], s["records"])
-            paired = f"{c['only_base']} / {c['only_other']}, p = {c['p_value']:.2f}"
+            paired = f"{c['only_base']} / {c['only_other']}, p = {c['p_value']:.2g}"
         lines.append(
             f"| {name} | " + " | ".join(cells) + f" | {avg:.1f}{delta} [{lo:.0f}, {hi:.0f}] | {paired} |"
         )
