@@ -531,7 +531,11 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     from cpu_demo.standins import StandinConfig
     from training.common import configure_threads
 
-    threads = configure_threads()  # the CPUs this process may use ($VIPA_NUM_THREADS overrides)
+    # One thread unless $VIPA_NUM_THREADS says otherwise: the stand-ins' kernels are so small that a second
+    # thread gains less than its barriers cost (bench_contention: 1 thread is faster than 2 with passive wait
+    # in every phase, and unchanged with one core busy elsewhere; 2 threads with active wait are 2.1-2.3x
+    # slower then).
+    threads = configure_threads(None if os.environ.get("VIPA_NUM_THREADS") else 1)
     print(f"[main_job] {threads} torch threads", flush=True)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
