@@ -93,16 +93,20 @@ def run_child(ckpt: Path, tmp_path: Path) -> dict[str, torch.Tensor]:
     return load_file(tmp_path / "out.safetensors")
 
 
-def test_cli_checkpoint_reloads_with_the_source_weights(sources: dict, tmp_path: Path):
-    out = tmp_path / "vipa"
+def _build_cli(sources: dict, out: Path, *extra: str) -> None:
+    """`python -m training.build_checkpoint` on the fixture's InternVL and CUT3R, in a fresh process."""
     heads = [f"--{k.replace('_', '-')}={v}" for k, v in sources["heads"].items()]
     cmd = [sys.executable, "-m", "training.build_checkpoint", "--internvl", str(sources["internvl"])]
-    cmd += ["--cut3r", str(sources["cut3r"]), "--out", str(out), "--spatial-size", "48", "64", *heads]
-    cmd += ["--motion-tokens"]
+    cmd += ["--cut3r", str(sources["cut3r"]), "--out", str(out), "--spatial-size", "48", "64", *heads, *extra]
     result = subprocess.run(
         cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0, result.stderr[-4000:]
+
+
+def test_cli_checkpoint_reloads_with_the_source_weights(sources: dict, tmp_path: Path):
+    out = tmp_path / "vipa"
+    _build_cli(sources, out, "--motion-tokens")
     child = run_child(out, tmp_path)
     weights = {k[len("weight.") :]: v for k, v in child.items() if k.startswith("weight.")}
 
@@ -144,14 +148,7 @@ def test_cli_checkpoint_reloads_with_the_source_weights(sources: dict, tmp_path:
 def test_cli_single_encoder_checkpoint_has_the_branch_off(sources: dict, tmp_path: Path):
     """`--single-encoder`: the same weights, saved with use_spatial_branch=False (Table 7's '- dual encoder')."""
     out = tmp_path / "single"
-    heads = [f"--{k.replace('_', '-')}={v}" for k, v in sources["heads"].items()]
-    cmd = [sys.executable, "-m", "training.build_checkpoint", "--internvl", str(sources["internvl"])]
-    cmd += ["--cut3r", str(sources["cut3r"]), "--out", str(out), "--spatial-size", "48", "64", *heads]
-    cmd += ["--single-encoder"]
-    result = subprocess.run(
-        cmd, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True, timeout=300
-    )
-    assert result.returncode == 0, result.stderr[-4000:]
+    _build_cli(sources, out, "--single-encoder")
     assert json.loads((out / "config.json").read_text())["use_spatial_branch"] is False
 
 
