@@ -105,16 +105,16 @@ def load_init_states(bench: Any, task_id: int, init_states_dir: str) -> np.ndarr
 
     `bench.get_task_init_states` where it works. The official LIBERO (hf-libero) reads them with `torch.load`,
     which PyTorch >= 2.6 refuses for these pickled arrays (`weights_only=True` by default); then the file is
-    read again with `weights_only=False`, as LeRobot does: it is LIBERO's own package data, not user input.
+    read again with the project's restricted unpickler (`hand3d_dataset.safe_pickle`: numpy arrays and
+    tensors only, no torch needed), never with `weights_only=False`.
     """
     try:
         states = bench.get_task_init_states(task_id)
     except pickle.UnpicklingError:
-        import torch
+        from hand3d_dataset.safe_pickle import load
 
         task = bench.get_task(task_id)
-        path = os.path.join(init_states_dir, task.problem_folder, task.init_states_file)
-        states = torch.load(path, weights_only=False)
+        states = load(os.path.join(init_states_dir, task.problem_folder, task.init_states_file))
     states = np.asarray(states, dtype=np.float64)
     if states.ndim != 2 or len(states) == 0:
         raise ValueError(
