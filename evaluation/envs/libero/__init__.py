@@ -50,7 +50,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.envs.libero.sim import MAX_STEPS, SETTLE_STEPS, SUITES, TASKS_PER_SUITE
+from evaluation.envs.libero.sim import MAX_STEPS, SETTLE_STEPS, SUITES, TASKS_PER_SUITE, check_action
 
 __all__ = ["CAMERA_KEYS", "LiberoConfig", "LiberoEnv", "LiberoSuite", "libero_python"]
 
@@ -296,13 +296,7 @@ class LiberoEnv:
         """One control step: (observation, reward, success, done, info); `done` at `max_steps` or on success."""
         if not self._ready:
             raise ValueError("step: call reset(seed) first")
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape != (7,):
-            raise ValueError(
-                f"action: LIBERO takes 7 numbers (eef delta 6 + gripper), got shape {action.shape}"
-            )
-        if not np.isfinite(action).all():
-            raise ValueError(f"action: non-finite values {action.tolist()} (refused, not clipped)")
+        action = check_action(action)
         try:
             reply = self._suite._sim().request({"cmd": "step", "action": action})
         except BaseException:

@@ -100,6 +100,17 @@ def state_from_raw(raw: dict[str, Any]) -> np.ndarray:
     ).astype(np.float32)
 
 
+def check_action(action: Any) -> np.ndarray:
+    """A LIBERO action as (7,) float64 (eef delta 6 + gripper); `ValueError` for another shape or a non-finite
+    value (refused, never clipped)."""
+    action = np.asarray(action, dtype=np.float64).reshape(-1)
+    if action.shape != (7,):
+        raise ValueError(f"action: LIBERO takes 7 numbers (eef delta 6 + gripper), got shape {action.shape}")
+    if not np.isfinite(action).all():
+        raise ValueError(f"action: non-finite values {action.tolist()} (refused, not clipped)")
+    return action
+
+
 def load_init_states(bench: Any, task_id: int, init_states_dir: str) -> np.ndarray:
     """LIBERO's fixed initial states of a task, (N, D) float64 MuJoCo states (N = 50 in the four suites).
 
@@ -271,13 +282,7 @@ class LiberoSimulator:
     def step(self, action: Any) -> dict[str, Any]:
         if self.env is None:
             raise ValueError("step: no environment; send 'make' and 'reset' first")
-        action = np.asarray(action, dtype=np.float64).reshape(-1)
-        if action.shape != (7,):
-            raise ValueError(
-                f"action: LIBERO takes 7 numbers (eef delta 6 + gripper), got shape {action.shape}"
-            )
-        if not np.isfinite(action).all():
-            raise ValueError(f"action: non-finite values {action.tolist()} (refused, not clipped)")
+        action = check_action(action)
         clipped = bool(np.any(np.abs(action) > 1.0))
         raw, reward, _, _ = self.env.step(np.clip(action, -1.0, 1.0).tolist())
         success = bool(self.env.check_success())
