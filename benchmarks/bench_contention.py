@@ -26,18 +26,21 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("cut3r", "backbone", "stage1")
-# name -> (environment, torch threads or None for configure_threads' choice)
+# name -> (environment, torch threads or None for configure_threads' choice, data-parallel processes)
 SETTINGS = {
-    "old: 2 threads, OMP active wait": ({"OMP_WAIT_POLICY": "ACTIVE"}, 2),
-    "default (cpu_demo: passive wait, configure_threads)": ({}, None),
-    "1 thread": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1),
+    "old: 2 threads, OMP active wait": ({"OMP_WAIT_POLICY": "ACTIVE"}, 2, 1),
+    "2 threads, passive wait": ({"OMP_WAIT_POLICY": "PASSIVE"}, 2, 1),
+    "1 thread": ({"OMP_WAIT_POLICY": "PASSIVE"}, 1, 1),
+    "main job: 2 processes x 1 thread (DDP)": ({}, 1, 2),
 }
 
 
 def _worker(phase: str, threads: int | None, steps: int) -> float:
-    """Median seconds per optimiser step of `phase` (after 3 warm-up steps)."""
+    """Median seconds per optimiser step of `phase` (after 3 warm-up steps); under torchrun (WORLD_SIZE > 1)
+    a data-parallel step as the main job's (`cpu_demo.parallel`): each rank half the batch, DDP over gloo."""
     import numpy as np
     import torch
+    import torch.distributed as dist
 
     from cpu_demo.standins import (
         StandinConfig,
@@ -50,6 +53,9 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
     from training.common import configure_threads
 
     configure_threads(threads)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        dist.init_process_group("gloo")
     cfg = StandinConfig()
     tok = build_standin_tokenizer(["the right hand is left of the red mug, 0.3 m"] * 8, cfg.vocab_size)
     torch.manual_seed(0)
@@ -60,17 +66,19 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
         enc = model.model.spatial_encoder.train()
         readout = torch.nn.Linear(enc.config.hidden_size, 3)
         params = [*enc.parameters(), *readout.parameters()]
-        pixels = torch.randn(cfg.cut3r_batch, cfg.cut3r_frames, 3, S, S, generator=gen)
-        points = torch.rand(cfg.cut3r_batch, cfg.cut3r_frames, S, S, 3, generator=gen) + 0.5
+        clips = cfg.cut3r_batch // world
+        pixels = torch.randn(clips, cfg.cut3r_frames, 3, S, S, generator=gen)
+        points = torch.rand(clips, cfg.cut3r_frames, S, S, 3, generator=gen) + 0.5
 
         def loss_fn() -> torch.Tensor:
-            out = enc(pixels, return_heads=True)
+            out = net(pixels, return_heads=True)
             loss = pointmap_loss(out.pts3d_self, out.conf, points)[0]
             return loss + token_point_loss(out.tokens[:, :, 1:], readout, points)[0]
 
     else:
         n_img, img = model.config.internvl_config.image_seq_length, model.config.image_token_id
-        batch, text = (cfg.backbone_batch, 80) if phase == "backbone" else (4, 80)  # cpu-tiny: 4 per pass
+        # cpu-tiny stage 1: 4 per pass (2 accumulated passes per step in one process, 1 per rank in two)
+        batch, text = (cfg.backbone_batch // world, 80) if phase == "backbone" else (4, 80)
         ids = torch.randint(10, 300, (batch, n_img + text), generator=gen)
         ids[ids >= 260] = 10
         ids[:, :n_img] = img
@@ -100,15 +108,26 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
         def loss_fn() -> torch.Tensor:
             return model(**inputs).loss
 
+    net = enc if phase == "cut3r" else None
+    if world > 1:  # the trained module wrapped so its gradients are averaged over the ranks
+        ddp = torch.nn.parallel.DistributedDataParallel
+        if phase == "cut3r":
+            net = ddp(enc, find_unused_parameters=True)
+        else:
+            model = ddp(model, find_unused_parameters=True)
+    passes = 2 // world if phase == "stage1" else 1  # stage 1: global batch 8 = 4 per pass
     opt = torch.optim.AdamW(params, lr=1e-4)
     times = []
     for i in range(steps + 3):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss_fn().backward()
+        for _ in range(passes):
+            loss_fn().backward()
         opt.step()
         if i >= 3:
             times.append(time.perf_counter() - t0)
+    if world > 1:
+        dist.destroy_process_group()
     return float(np.median(times))
 
 
@@ -118,13 +137,15 @@ def _busy_loop(cpu: int) -> subprocess.Popen:
 
 
 def _measure(phase: str, setting: str, steps: int) -> float:
-    env_extra, threads = SETTINGS[setting]
+    env_extra, threads, processes = SETTINGS[setting]
     env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
-    if not env_extra:  # the default: exactly what `python -m cpu_demo` sets up
-        from cpu_demo import openmp_environment
+    launcher = [sys.executable]
+    if processes > 1:  # exactly what the main job's data-parallel phases run under (cpu_demo.parallel.launch)
+        from cpu_demo.parallel import worker_environment
 
-        env.update(openmp_environment(env))
-    cmd = [sys.executable, __file__, "--worker", phase, "--steps", str(steps)]
+        env = worker_environment(env)
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes)]
+    cmd = [*launcher, __file__, "--worker", phase, "--steps", str(steps)]
     if threads is not None:
         cmd += ["--threads", str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1800, cwd=ROOT)
@@ -142,7 +163,9 @@ def main() -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     a = p.parse_args()
     if a.worker:
-        print(_worker(a.worker, a.threads, a.steps))
+        seconds = _worker(a.worker, a.threads, a.steps)
+        if os.environ.get("RANK", "0") == "0":  # DDP: the ranks step together; rank 0 reports
+            print(seconds)
         return
     sys.path.insert(0, str(ROOT))
     from tqdm.auto import tqdm

@@ -70,8 +70,9 @@ class MainJobConfig:
     frames: int = 3  # frames per clip (samples show 1-3: each frame costs a CUT3R pass)
     num_workers: int = 2  # processes of the dataset build
     cut3r_clips: int = 200  # synth TRAIN clips rendered (with depth) for the CUT3R stand-in
-    stage1_steps: int = 1200  # optimiser steps of stage 1 (cpu-tiny recipe, global batch 8)
-    stage2_steps: int = 300  # optimiser steps of stage 2
+    stage1_steps: int = 600  # optimiser steps of stage 1 (cpu-tiny recipe, global batch stage1_batch)
+    stage1_batch: int = 16  # global batch of stage 1 (split over the data-parallel processes)
+    stage2_steps: int = 300  # optimiser steps of stage 2 (cpu-tiny recipe, global batch 8)
     eval_limit: int | None = None  # test rows per config evaluated (None: all)
     eval_batch_size: int = 16  # prompts per generate() call
     eval_max_new_tokens: int = 48  # answer tokens generated per visual question (answers use ~20-35)
@@ -103,7 +104,7 @@ class MainJobConfig:
             raise ValueError(f"MainJobConfig.fusion_qk_position: {e}") from e
         if self.ablation_rows < 1:
             raise ValueError(f"MainJobConfig.ablation_rows: must be >= 1, got {self.ablation_rows}")
-        for name in ("robot_demo_episodes", "robot_image_size", "robot_max_steps", "robot_stage3_steps", "robot_eval_episodes", "robot_workers"):  # fmt: skip
+        for name in ("stage1_batch", "robot_demo_episodes", "robot_image_size", "robot_max_steps", "robot_stage3_steps", "robot_eval_episodes", "robot_workers"):  # fmt: skip
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"MainJobConfig.{name}: must be an int >= 1, got {getattr(self, name)!r}")
         if self.robot_eval_seed < self.robot_demo_episodes:  # demonstrations use seeds 0..episodes-1
@@ -162,6 +163,30 @@ class _Phases:
         print(f"[main_job] {name}: {self.times[name]['seconds']} s", flush=True)
         write_json(self.times, self.path)
 
+    def run_concurrently(
+        self, lanes: dict[str, tuple[str, bool, dict]], cfg: MainJobConfig, scfg: Any, processes: int
+    ) -> None:
+        """Phases that need nothing of each other (label -> (phase, done, spec)): one after the other in this
+        process when `processes` is 1, else one `cpu_demo.phase_worker` each, `processes` at a time (each
+        phase's seconds: from its start to its end, overlapping the others')."""
+        from cpu_demo.parallel import run_lanes
+
+        todo = {}
+        for label, (phase, done, spec) in lanes.items():
+            if processes == 1 or done:
+                with self.run(label, done) as run:
+                    if run:
+                        run_phase(phase, cfg, scfg, spec["paths"], spec["extra"])
+            else:
+                todo[label] = (phase, [str(Path(cfg.out) / "job_config.json"), json.dumps(spec)])
+        if not todo:
+            return
+        print(f"[main_job] {', '.join(todo)}: {len(todo)} processes, {processes} at a time ...", flush=True)
+        for label, seconds in run_lanes(todo, processes).items():
+            self.times[label] = {"seconds": round(seconds, 1), "skipped_last_run": False, "concurrent": True}
+            print(f"[main_job] {label}: {self.times[label]['seconds']} s (concurrent)", flush=True)
+        write_json(self.times, self.path)
+
 
 # ---- phases ----------------------------------------------------------------------------------------------------
 def _build_dataset(cfg: MainJobConfig, data_dir: Path) -> None:
@@ -174,6 +199,7 @@ def _build_dataset(cfg: MainJobConfig, data_dir: Path) -> None:
             # the paper's annotation path (point cloud + boxes), as for real video without object poses;
             # `auto` would read synth's exact object poses instead
             object_source="estimate",
+            synth_cache=str(_render_cache(cfg)),  # phases 3, 4 and 9 read these pixels instead of rendering
         )
     )  # fmt: skip
 
@@ -210,18 +236,36 @@ def _init_standins(cfg: MainJobConfig, scfg: Any, data_dir: Path, out: Path) -> 
 def _synth_train_clips(cfg: MainJobConfig, limit: int | None, desc: str) -> Iterator[Any]:
     """The synth TRAIN clips of the build, rendered again (with depth and segmentation, which Hand3D rows lack).
 
-    The build's split rule by clip position: nothing of a test clip ever teaches a stand-in.
+    The build's split rule by clip position: nothing of a test clip ever teaches a stand-in. In a
+    data-parallel phase, this rank's share of them (`cpu_demo.parallel.shard`).
     """
+    from cpu_demo.parallel import rank_and_world
     from evaluation.probe3d import synth_split_clips
 
-    return synth_split_clips(cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, False, limit, desc)
+    return synth_split_clips(
+        cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, False, limit, desc, shard=rank_and_world(),
+        cache_dir=_render_cache(cfg),
+    )  # fmt: skip
 
 
-def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> dict:
+def _render_cache(cfg: MainJobConfig) -> Path:
+    """The build's synth render cache: the pixels, depth and segmentation of every clip, read back by the
+    stand-ins (phases 3-4) and the probe (9) instead of rendering again; removed once phase 9 is done."""
+    return Path(cfg.out) / "render_cache"
+
+
+def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> None:
+    """Phase 3 (data parallel under `cpu_demo.parallel.launch`: rank 0 writes `out`)."""
+    import torch.distributed as dist
+
+    from cpu_demo.parallel import rank_and_world
     from cpu_demo.standins import STANDIN_NOTE, prepare_cut3r_clips, pretrain_cut3r
     from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
     from processing_vipa.processing_vipa import VipaProcessor
 
+    rank, world = rank_and_world()
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("gloo")
     model = VipaForConditionalGeneration.from_pretrained(str(init_dir))
     processor = VipaProcessor.from_pretrained(str(init_dir), trust_remote_code=False)
     encoder = model.model.spatial_encoder
@@ -229,16 +273,26 @@ def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> di
         _synth_train_clips(cfg, cfg.cut3r_clips, "render synth depth"), processor, scfg.spatial_size
     )
     summary = pretrain_cut3r(encoder, clips, scfg, processor, seed=cfg.seed)
-    summary.update(stand_in=True, note=STANDIN_NOTE, clips=len(clips))
-    encoder.save_pretrained(str(out))
-    write_json(summary, out / "cut3r_summary.json")
-    return summary
+    summary.update(stand_in=True, note=STANDIN_NOTE, clips=len(_synth_split_ids(cfg, cfg.cut3r_clips)))
+    if rank == 0:
+        encoder.save_pretrained(str(out))
+        write_json(summary, out / "cut3r_summary.json")
 
 
-def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Path, out: Path) -> dict:
+def _synth_split_ids(cfg: MainJobConfig, limit: int | None) -> list[int]:
+    """Positions of the synth TRAIN clips `_synth_train_clips` renders over all ranks (for the summaries)."""
+    from hand3d_dataset.build import is_test_clip
+
+    return [i for i in range(cfg.num_clips) if not is_test_clip(i, 0.1)][:limit]
+
+
+def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Path, out: Path) -> None:
+    """Phase 4 (data parallel under `cpu_demo.parallel.launch`: each rank renders and samples the dense name
+    frames of its share of the clips, `dense_batch / world` per step; rank 0 writes `out`)."""
     import numpy as np
 
     from cpu_demo.dense_names import DenseNameLoss
+    from cpu_demo.parallel import rank_and_world
     from cpu_demo.standins import STANDIN_NOTE, pretrain_semantic_backbone
     from training.common import load_model_and_processor
     from training.sft import load_hand3d_split, validate_dataset
@@ -246,6 +300,11 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
     model, processor = load_model_and_processor(init_dir)
     train = load_hand3d_split(data_dir, "visual", "train")
     train, report = validate_dataset(train, processor, max_length=1024, max_skip_fraction=0.05)
+    rank, world = rank_and_world()
+    if scfg.dense_batch % world:
+        raise ValueError(
+            f"StandinConfig.dense_batch: {scfg.dense_batch} frames do not split over {world} processes"
+        )
     dense = None
     if scfg.dense_weight:  # what a pretrained InternVL brings: image tokens that say what they show
         clips = list(_synth_train_clips(cfg, None, "render synth segmentation"))
@@ -253,8 +312,8 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
             clips,
             processor,
             model.config,
-            scfg.dense_batch,
-            seed=cfg.seed,
+            scfg.dense_batch // world,
+            seed=cfg.seed + rank,
             depth_weight=scfg.dense_depth_weight,
             relative_depth=scfg.dense_relative_depth,
         )
@@ -262,6 +321,8 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
     trainer = pretrain_semantic_backbone(
         model, processor, train, out / "_trainer", scfg, seed=cfg.seed, dense=dense
     )
+    if rank != 0:
+        return
     shutil.rmtree(out / "_trainer", ignore_errors=True)
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     model.save_pretrained(str(out))
@@ -273,6 +334,7 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
         "data": "Hand3D-visual train",
         "steps": scfg.backbone_steps,
         "batch_size": scfg.backbone_batch,
+        "processes": world,
         "learning_rate": scfg.backbone_lr,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
@@ -280,7 +342,8 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
         if dense is None
         else {
             "weight": scfg.dense_weight,
-            "frames": len(dense.targets),
+            "frames": len(_synth_split_ids(cfg, None)) * cfg.frames,  # over all ranks' shares
+            "loss_of": "rank 0's share of each step's frames" if world > 1 else "each step's frames",
             "name_tokens": len(dense.token_ids),
             "loss_first": float(np.mean(dense.history[:20])),
             "loss_last": float(np.mean(dense.history[-20:])),
@@ -291,7 +354,6 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
         "data_report": report,
     }
     write_json(summary, out / TRAINING_MARKER)
-    return summary
 
 
 def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: Path) -> None:
@@ -325,13 +387,22 @@ def _compose_vipa(cfg: MainJobConfig, backbone_dir: Path, cut3r_dir: Path, out: 
     processor.save_pretrained(str(out))
 
 
-def _run_stage(stage: int, steps: int, model_dir: Path, data_dir: Path, out: Path, extra: dict) -> dict:
+def _run_stage(
+    cfg: MainJobConfig, stage: int, model_dir: Path, data_dir: Path, out: Path, extra: dict
+) -> None:
+    """Phases 6-7 (data parallel under `cpu_demo.parallel.launch`: the recipe's global batch split over the
+    ranks; rank 0 writes the marker)."""
     from cpu_demo.standins import STANDIN_NOTE, TqdmCallback
-    from training.common import load_recipe
+    from training.common import load_recipe, world_size
     from training.stage1 import train_stage1
     from training.stage2 import train_stage2
 
-    recipe = load_recipe("cpu-tiny", max_steps=steps)
+    steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
+    batch = cfg.stage1_batch if stage == 1 else load_recipe("cpu-tiny").global_batch_size
+    per_device = batch // world_size()  # one pass per step on each process
+    recipe = load_recipe(
+        "cpu-tiny", max_steps=steps, global_batch_size=batch, per_device_batch_size=per_device
+    )
     resume = out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir())
     train = train_stage1 if stage == 1 else train_stage2
     trainer = train(
@@ -339,12 +410,15 @@ def _run_stage(stage: int, steps: int, model_dir: Path, data_dir: Path, out: Pat
     )
     if trainer.state.global_step < steps:
         raise RuntimeError(f"stage {stage} stopped at step {trainer.state.global_step} of {steps}")
+    if not trainer.is_world_process_zero():
+        return
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     summary = {
         "stage": stage,
         "recipe": "cpu-tiny",
         "recipe_values": asdict(recipe),
         "steps": steps,
+        "processes": world_size(),
         "resumed": resume,
         "loss_first": losses[0] if losses else None,
         "loss_last": losses[-1] if losses else None,
@@ -355,12 +429,12 @@ def _run_stage(stage: int, steps: int, model_dir: Path, data_dir: Path, out: Pat
         **extra,
     }
     write_json(summary, out / TRAINING_MARKER)
-    return summary
 
 
 def _evaluate(
     cfg: MainJobConfig, data_dir: Path, models: dict[str, Path], stage2_dir: Path, out: Path
-) -> dict:
+) -> None:
+    """Phase 8: the Table 8 rows (`models`, name -> checkpoint) and stage 2's trajectories -> `table8.json`."""
     from evaluation.hand3d_test import evaluate_model
     from hand3d_dataset.scoring import (
         evaluate_predictions,
@@ -406,20 +480,19 @@ def _evaluate(
         "plots": {"figure8": str(figure8), "figure9": motion["plots"].get("figure9")},
     }
     write_json(result, out / "table8.json")
-    return result
 
 
-def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, table: dict, out: Path) -> dict:
-    """Phase 9: what the tokens of the stage-1 model carry (linear 3D probe), what its answers use (the 3D
-    branch ablated on test answers), next to what the answers score."""
-    from evaluation.probe3d import Probe3DConfig, branch_ablation, plot_probe, probe_model
+def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, out: Path) -> None:
+    """Phase 9: what the tokens of the stage-1 model carry (linear 3D probe) and what its answers use (the 3D
+    branch ablated on test answers), in `probe3d_raw.json`; `_finish_probe` adds what the answers score."""
+    from evaluation.probe3d import Probe3DConfig, branch_ablation, probe_model
     from training.common import load_model_and_processor
     from training.sft import load_hand3d_split
 
     model, processor = load_model_and_processor(stage1_dir)
     pcfg = Probe3DConfig(
         num_clips=cfg.num_clips, train_clips=cfg.probe_train_clips, image_size=cfg.image_size,
-        frames=cfg.frames, seed=cfg.seed,
+        frames=cfg.frames, seed=cfg.seed, render_cache=str(_render_cache(cfg)),
     )  # fmt: skip
     try:
         result = probe_model(model, pcfg, processor)
@@ -429,19 +502,27 @@ def _probe(cfg: MainJobConfig, data_dir: Path, stage1_dir: Path, table: dict, ou
     step = max(1, len(test) // cfg.ablation_rows)
     rows = test.select(range(0, len(test), step)[: cfg.ablation_rows])
     result["branch_ablation"] = branch_ablation(model, processor, rows)
+    write_json(result, out / "probe3d_raw.json")
+
+
+def _finish_probe(table: dict, out: Path) -> None:
+    """Phase 9's result next to the answers' Table 8 scores: `probe3d.json` and `probe3d.png`."""
+    from evaluation.probe3d import plot_probe
+
+    result = json.loads((out / "probe3d_raw.json").read_text())
     result["answers"] = {r["model"]: r for r in table["table8"][1:]}
     if "rows" in result:
         result["plot"] = str(plot_probe(result, out / "probe3d.png", result["answers"]))
     write_json(result, out / "probe3d.json")
-    return result
 
 
-def _record_robot_demos(cfg: MainJobConfig, out: Path) -> dict:
+def _record_robot_demos(cfg: MainJobConfig, out: Path) -> None:
     """Phase 10: the scripted experts' Meta-World episodes as a LeRobot v3 dataset (images in the parquet: at
     64 px PNG reads back faster than AV1 decoding, and stage 3 reads every frame many times)."""
     from evaluation.demos import DemoConfig, record_demos
 
-    return record_demos(
+    shutil.rmtree(out.with_name(f"{out.name}.partial"), ignore_errors=True)
+    record_demos(
         DemoConfig(
             out=str(out), env="metaworld", tasks=cfg.robot_tasks, episodes=cfg.robot_demo_episodes, seed=0,
             image_size=cfg.robot_image_size, max_steps=cfg.robot_max_steps, use_videos=False,
@@ -449,8 +530,9 @@ def _record_robot_demos(cfg: MainJobConfig, out: Path) -> dict:
     )  # fmt: skip
 
 
-def _robot_stage3(cfg: MainJobConfig, stage2_dir: Path, demos: Path, out: Path) -> dict:
-    """Phase 11: stage 3 from the stage-2 checkpoint on the demonstrations (resumes from its checkpoints)."""
+def _robot_stage3(cfg: MainJobConfig, stage2_dir: Path, demos: Path, out: Path) -> None:
+    """Phase 11: stage 3 from the stage-2 checkpoint on the demonstrations (resumes from its checkpoints; data
+    parallel under `cpu_demo.parallel.launch`, as `training.stage3` runs under any torchrun launch)."""
     from training.stage3 import latest_checkpoint, train_stage3
 
     resume = latest_checkpoint(out) is not None
@@ -459,7 +541,58 @@ def _robot_stage3(cfg: MainJobConfig, stage2_dir: Path, demos: Path, out: Path) 
     )
     if not result.finished:
         raise RuntimeError(f"stage 3 stopped at step {result.steps} of {cfg.robot_stage3_steps}")
-    return json.loads((out / TRAINING_MARKER).read_text())
+
+
+# ---- phases in worker processes (cpu_demo.parallel) ------------------------------------------------------------
+# Data parallel: every rank of a `cpu_demo.parallel.launch` runs the phase on its share of each batch.
+RANK_PHASES = ("cut3r", "backbone", "stage1", "stage2", "stage3")
+# One process each, several at once (`cpu_demo.parallel.run_lanes`): phases 8-10 need nothing of each other.
+LANE_PHASES = ("evaluate", "probe", "demos")
+
+
+def run_phase(name: str, cfg: MainJobConfig, scfg: Any, paths: dict[str, str], extra: dict) -> None:
+    """Phase `name` (or one rank's share of it) in this process: the main process when it runs alone, else a
+    `cpu_demo.phase_worker`. paths: the phase's folders by role; extra: its other arguments (JSON values)."""
+    p = {k: Path(v) for k, v in paths.items()}
+    if name == "evaluate":
+        models = {label: Path(path) for label, path in extra["models"].items()}
+        _evaluate(cfg, p["data"], models, p["stage2"], p["out"])
+    elif name == "probe":
+        _probe(cfg, p["data"], p["model"], p["out"])
+    elif name == "demos":
+        _record_robot_demos(cfg, p["out"])
+    elif name == "cut3r":
+        _train_cut3r(cfg, scfg, p["init"], p["out"])
+    elif name == "backbone":
+        _train_backbone(cfg, scfg, p["init"], p["data"], p["out"])
+    elif name in ("stage1", "stage2"):
+        _run_stage(cfg, int(name[-1]), p["model"], p["data"], p["out"], extra)
+    elif name == "stage3":
+        _robot_stage3(cfg, p["model"], p["data"], p["out"])
+    else:
+        raise ValueError(f"phase: expected one of {RANK_PHASES + LANE_PHASES}, got {name!r}")
+
+
+def _ranked(
+    name: str,
+    cfg: MainJobConfig,
+    scfg: Any,
+    processes: int,
+    paths: dict[str, Path],
+    extra: dict | None = None,
+) -> None:
+    """Phase `name` in this process (1 process) or on `processes` data-parallel ranks."""
+    from cpu_demo.parallel import launch
+
+    spec = _spec(paths, extra)
+    if processes == 1:
+        run_phase(name, cfg, scfg, spec["paths"], spec["extra"])
+        return
+    launch(name, [str(Path(cfg.out) / "job_config.json"), json.dumps(spec)], processes)
+
+
+def _spec(paths: dict[str, Path], extra: dict | None) -> dict:
+    return {"paths": {k: str(v) for k, v in paths.items()}, "extra": extra or {}}
 
 
 def _robot_eval_config(cfg: MainJobConfig, out: Path) -> Any:
@@ -528,6 +661,7 @@ def format_table(rows: list[dict]) -> str:
 # ---- the job ---------------------------------------------------------------------------------------------------
 def run_main_job(cfg: MainJobConfig) -> dict:
     """Run (or resume) every phase; returns the `results.json` content."""
+    from cpu_demo.parallel import demo_processes
     from cpu_demo.standins import StandinConfig
     from training.common import configure_threads
 
@@ -536,7 +670,11 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     # in every phase, and unchanged with one core busy elsewhere; 2 threads with active wait are 2.1-2.3x
     # slower then).
     threads = configure_threads(None if os.environ.get("VIPA_NUM_THREADS") else 1)
-    print(f"[main_job] {threads} torch threads", flush=True)
+    procs = demo_processes()  # the training phases: data parallel over this many 1-thread processes
+    print(
+        f"[main_job] {threads} torch thread(s) per process; training phases on {procs} process(es)",
+        flush=True,
+    )
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     scfg = StandinConfig.quick() if cfg.quick else StandinConfig()
@@ -569,49 +707,60 @@ def run_main_job(cfg: MainJobConfig) -> dict:
     with phases.run("3 CUT3R stand-in (pointmaps from depth)", cut3r.is_dir()) as todo:
         if todo:
             with _atomic_dir(cut3r) as tmp:
-                _train_cut3r(cfg, scfg, init, tmp)
+                _ranked("cut3r", cfg, scfg, procs, {"init": init, "out": tmp})
     with phases.run("4 semantic backbone stand-in = single encoder", single.is_dir()) as todo:
         if todo:
             with _atomic_dir(single) as tmp:
-                _train_backbone(cfg, scfg, init, data, tmp)
+                _ranked("backbone", cfg, scfg, procs, {"init": init, "data": data, "out": tmp})
     with phases.run("5 compose VIPA-VLA init", vipa_init.is_dir()) as todo:
         if todo:
             with _atomic_dir(vipa_init) as tmp:
                 _compose_vipa(cfg, single, cut3r, tmp)
     with phases.run("6 stage 1 (fusion only, Hand3D-visual)", (stage1 / TRAINING_MARKER).is_file()) as todo:
         if todo:
-            _run_stage(1, cfg.stage1_steps, vipa_init, data, stage1, {"model": "VIPA-VLA-PT (stage 1)"})
+            paths = {"model": vipa_init, "data": data, "out": stage1}
+            _ranked("stage1", cfg, scfg, procs, paths, {"model": "VIPA-VLA-PT (stage 1)"})
     with phases.run("7 stage 2 (motion tokens + fusion + LLM, Hand3D-action)", (stage2 / TRAINING_MARKER).is_file()) as todo:  # fmt: skip
         if todo:
-            _run_stage(2, cfg.stage2_steps, stage1, data, stage2, {"model": "VIPA-VLA (stages 1-2)"})
+            paths = {"model": stage1, "data": data, "out": stage2}
+            _ranked("stage2", cfg, scfg, procs, paths, {"model": "VIPA-VLA (stages 1-2)"})
     names = {
-        "Single encoder + Hand3D (no 3D branch)": single,
-        "VIPA-VLA-PT (stage 1: fusion only)": stage1,
+        "Single encoder + Hand3D (no 3D branch)": str(single),
+        "VIPA-VLA-PT (stage 1: fusion only)": str(stage1),
     }
-    evaluation = out / "eval" / "table8.json"
-    with phases.run("8 evaluate on Hand3D test", evaluation.is_file()) as todo:
-        if todo:
-            (out / "eval").mkdir(exist_ok=True)
-            _evaluate(cfg, data, names, stage2, out / "eval")
+    evaluation, probe_path = out / "eval" / "table8.json", out / "eval" / "probe3d.json"
+    demos, stage3, robot_eval = out / "robot" / "demos", out / "runs" / "stage3", out / "robot" / "eval"
+    (out / "eval").mkdir(exist_ok=True)
+    (out / "robot").mkdir(exist_ok=True)
+    # phases 8-10 need nothing of each other: one process each, as many at once as there are processes
+    lanes = {
+        "8 evaluate on Hand3D test": (
+            "evaluate", evaluation.is_file(),
+            _spec({"data": data, "stage2": stage2, "out": out / "eval"}, {"models": names}),
+        ),
+    }  # fmt: skip
+    if cfg.probe_train_clips:
+        lanes["9 3D probe of the tokens (evaluation.probe3d)"] = (
+            "probe", (out / "eval" / "probe3d_raw.json").is_file(),
+            _spec({"data": data, "model": stage1, "out": out / "eval"}, None),
+        )  # fmt: skip
+    if cfg.robot_tasks:
+        lanes["10 Meta-World expert demonstrations (LeRobot v3)"] = (
+            "demos", demos.is_dir(), _spec({"out": demos}, None),
+        )  # fmt: skip
+    phases.run_concurrently(lanes, cfg, scfg, procs)
     table = json.loads(evaluation.read_text())
-    probe_path = out / "eval" / "probe3d.json"
+    shutil.rmtree(_render_cache(cfg), ignore_errors=True)  # every phase that reads it is done
     probe = None
     if cfg.probe_train_clips:
-        with phases.run("9 3D probe of the tokens (evaluation.probe3d)", probe_path.is_file()) as todo:
-            if todo:
-                _probe(cfg, data, stage1, table, out / "eval")
+        if not probe_path.is_file():
+            _finish_probe(table, out / "eval")
         probe = json.loads(probe_path.read_text())
     robot = None
     if cfg.robot_tasks:
-        demos, stage3, robot_eval = out / "robot" / "demos", out / "runs" / "stage3", out / "robot" / "eval"
-        (out / "robot").mkdir(exist_ok=True)
-        with phases.run("10 Meta-World expert demonstrations (LeRobot v3)", demos.is_dir()) as todo:
-            if todo:
-                shutil.rmtree(demos.with_name("demos.partial"), ignore_errors=True)
-                _record_robot_demos(cfg, demos)
         with phases.run("11 stage 3 on the demonstrations (from the stage-2 checkpoint)", (stage3 / TRAINING_MARKER).is_file()) as todo:  # fmt: skip
             if todo:
-                _robot_stage3(cfg, stage2, demos, stage3)
+                _ranked("stage3", cfg, scfg, procs, {"model": stage2, "data": demos, "out": stage3})
         with phases.run("12 closed-loop Meta-World evaluation (unseen seeds)", (robot_eval / "results.json").is_file()) as todo:  # fmt: skip
             if todo:
                 _robot_eval(cfg, stage3, demos, robot_eval)

@@ -84,6 +84,7 @@ class Probe3DConfig:
     min_pixels: int = 20  # smallest segment kept, px (smaller ones have too few depth pixels for a centre)
     lambdas: tuple[float, ...] = (0.1, 1.0, 10.0, 100.0, 1000.0)  # ridge strengths tried (standardised X)
     gamma: float = DEFAULT_GAMMA  # direction-label threshold on the unit displacement (Hand3D's)
+    render_cache: str | None = None  # the build's synth render cache (BuildConfig.synth_cache); None: render
 
     def __post_init__(self) -> None:
         for name in ("num_clips", "train_clips", "image_size", "frames", "min_pixels"):
@@ -397,22 +398,40 @@ def branch_ablation(model: Any, processor: Any, rows: Iterable[dict]) -> dict[st
 
 
 def synth_split_clips(
-    num_clips: int, seed: int, image_size: int, num_frames: int, test: bool, limit: int | None, desc: str
+    num_clips: int,
+    seed: int,
+    image_size: int,
+    num_frames: int,
+    test: bool,
+    limit: int | None,
+    desc: str,
+    shard: tuple[int, int] = (0, 1),
+    cache_dir: str | os.PathLike | None = None,
 ) -> Iterator[Clip]:
     """The synth clips of one split of a build (`num_clips`, `seed`), rendered again with depth and
-    segmentation (which Hand3D rows lack), by the build's split rule (`is_test_clip`), first `limit` only."""
+    segmentation (which Hand3D rows lack), by the build's split rule (`is_test_clip`), first `limit` only.
+
+    shard: (rank, world): only every `world`-th of those clips from `rank` (a data-parallel rank's share;
+    the progress bar shows on rank 0 only); cache_dir: the synth render cache (`SynthSource`) of the build."""
     from tqdm.auto import tqdm
 
     from hand3d_dataset.build import is_test_clip
     from hand3d_dataset.sources.synth import SynthSource
 
-    source = SynthSource(num_clips=num_clips, seed=seed, image_size=image_size, num_frames=num_frames)
-    ids = [c for i, c in enumerate(source.clip_ids()) if is_test_clip(i, 0.1) == test][:limit]
-    return (source.load_clip(c) for c in tqdm(ids, desc=desc, unit="clip"))
+    rank, world = shard
+    if not 0 <= rank < world:
+        raise ValueError(f"shard: expected (rank, world) with 0 <= rank < world, got {shard}")
+    source = SynthSource(
+        num_clips=num_clips, seed=seed, image_size=image_size, num_frames=num_frames, cache_dir=cache_dir
+    )
+    ids = [c for i, c in enumerate(source.clip_ids()) if is_test_clip(i, 0.1) == test][:limit][rank::world]
+    return (source.load_clip(c) for c in tqdm(ids, desc=desc, unit="clip", disable=rank != 0))
 
 
 def _synth_clips(cfg: Probe3DConfig, test: bool, limit: int | None, desc: str) -> Iterator[Clip]:
-    return synth_split_clips(cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, test, limit, desc)
+    return synth_split_clips(
+        cfg.num_clips, cfg.seed, cfg.image_size, cfg.frames, test, limit, desc, cache_dir=cfg.render_cache
+    )
 
 
 def probe_model(model_or_dir: Any, cfg: Probe3DConfig | None = None, processor: Any = None) -> dict[str, Any]:

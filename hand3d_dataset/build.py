@@ -129,6 +129,9 @@ class BuildConfig:
     # "pose" (the dataset's poses only, no estimator/detector) or "estimate" (pipeline.OBJECT_SOURCES)
     object_source: str = "auto"
     progress: bool = True  # show a progress bar
+    # synth: a folder where the rendered clips (frames, depth, segmentation) are kept for later re-renders of
+    # the same clips (the main job's stand-ins and probe read them back); None: not kept
+    synth_cache: str | None = None
     engine: str = (
         "local"  # "local" (this process or a spawn pool) or "ray" (build_ray: Ray Data on a cluster)
     )
@@ -173,7 +176,16 @@ class BuildConfig:
     def resume_key(self) -> dict:
         """Settings that change the content of a shard (a resumed build must match them)."""
         d = asdict(self)
-        for k in ("num_clips", "num_workers", "progress", "out", "device", "engine", "ray_address"):
+        for k in (
+            "num_clips",
+            "num_workers",
+            "progress",
+            "out",
+            "device",
+            "engine",
+            "ray_address",
+            "synth_cache",
+        ):
             d.pop(k)
         return d
 
@@ -256,8 +268,9 @@ def make_source(cfg: BuildConfig, spec: SourceSpec | None = None):
     name, root = (cfg.source, cfg.source_root) if spec is None else (spec.name, spec.root)
     if name == "synth":
         return get_source(
-            "synth", num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames
-        )
+            "synth", num_clips=cfg.num_clips, seed=cfg.seed, image_size=cfg.image_size, num_frames=cfg.frames,
+            cache_dir=cfg.synth_cache,
+        )  # fmt: skip
     if root is None:
         raise ValueError(f"source_root: source {name!r} reads a dataset folder; pass --source-root DIR")
     if not Path(root).exists():

@@ -34,7 +34,9 @@ PHASES = (
 
 
 def _env() -> dict:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VIPA_NO_SERVE": "1"}
+    # two data-parallel processes (cpu_demo.parallel), as on any machine with 2 CPUs, even on a 1-CPU runner
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "VIPA_NO_SERVE": "1",
+            "VIPA_DEMO_PROCESSES": "2"}  # fmt: skip
 
 
 def _run_job(out: Path) -> subprocess.CompletedProcess:
@@ -84,6 +86,10 @@ def test_quick_main_job_end_to_end_and_resume(tmp_path: Path) -> None:
     assert results["stand_ins"]["cut3r"]["stand_in"] is True
     backbone = json.loads((out / "single_encoder" / "training_summary.json").read_text())
     assert backbone["stand_in"] is True
+    # the training phases ran data parallel on 2 processes; phases 8-10 ran side by side
+    assert results["stand_ins"]["cut3r"]["processes"] == backbone["processes"] == 2
+    assert results["stages"]["stage1"]["processes"] == results["stages"]["stage2"]["processes"] == 2
+    assert "[main_job] 8 evaluate on Hand3D test, 9 3D probe" in stdout
     # the dense name loss ran on every frame of the train clips (the quick build: 3 frames per clip)
     import pyarrow.parquet as pq
 

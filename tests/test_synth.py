@@ -185,3 +185,30 @@ def test_missing_mujoco_names_the_extra(monkeypatch):
     monkeypatch.setattr(synth, "_SCENES", {})
     with pytest.raises(ImportError, match=r'pip install "vipa-vla\[sim\]"'):
         SynthSource(num_clips=1, image_size=SIZE, num_frames=FRAMES).load_clip("synth-s0-000000")
+
+
+@needs_mujoco
+def test_render_cache_gives_the_rendered_clip_back_without_rendering(clips, tmp_path, monkeypatch):
+    """The cache written on first load holds exactly the rendered arrays (compared with the module's clips,
+    rendered without a cache); a second load reads them (rendering is made to fail) and rebuilds the same clip;
+    a damaged file is a miss; another image size is another file."""
+    import hand3d_dataset.sources.synth as synth
+
+    src = SynthSource(num_clips=12, seed=3, image_size=SIZE, num_frames=FRAMES, cache_dir=tmp_path)
+    first = src.load_clip(src.clip_ids()[1])
+    path = synth.render_cache_path(tmp_path, src.config, 3, 1)
+    assert path.is_file() and not list(path.parent.glob(".*"))  # written atomically: no temporary left
+    monkeypatch.setattr(synth, "_render", lambda *a: pytest.fail("rendered although the clip was cached"))
+    again = src.load_clip(src.clip_ids()[1])
+    for c in (first, again):
+        for name in ("frames", "depth", "segmentation", "K", "R", "t"):
+            np.testing.assert_array_equal(getattr(c, name), getattr(clips[1], name), err_msg=name)
+        assert [o.box2d.tolist() for o in c.objects] == [o.box2d.tolist() for o in clips[1].objects]
+        assert c.task == clips[1].task and c.meta == clips[1].meta
+    monkeypatch.undo()
+    path.write_bytes(b"not an npz")  # damaged: rendered again and replaced
+    np.testing.assert_array_equal(src.load_clip(src.clip_ids()[1]).frames, clips[1].frames)
+    with np.load(path) as z:
+        np.testing.assert_array_equal(z["frames"], clips[1].frames)
+    other = SynthSource(num_clips=12, seed=3, image_size=SIZE + 16, num_frames=FRAMES, cache_dir=tmp_path)
+    assert synth.render_cache_path(tmp_path, other.config, 3, 1) != path

@@ -457,6 +457,7 @@ def train_stage3(
     processes = world_size()
     accumulation = recipe.gradient_accumulation_steps(processes)
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # as the Trainer's use_cpu: a torchrun launch on CPUs runs gloo DDP
         mixed_precision=mixed_precision(recipe.bf16),
         gradient_accumulation_steps=accumulation,
         step_scheduler_with_optimizer=False,
@@ -566,6 +567,8 @@ def train_stage3(
         lr=recipe.learning_rate,
         betas=(recipe.adam_beta1, recipe.adam_beta2),
         weight_decay=recipe.weight_decay,
+        # one kernel for all parameters where torch has one (CPU, CUDA)
+        fused=accelerator.device.type in ("cpu", "cuda"),
     )
     scheduler = get_scheduler(
         recipe.lr_scheduler_type,

@@ -34,8 +34,11 @@ poses per frame. This replaces "one MJCF per clip": same scenes, no per-clip GL 
 
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass, fields, replace
+import tempfile
+from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 import numpy as np
 
@@ -571,12 +574,53 @@ def _scene(h: int, w: int) -> _Scene:
     return _SCENES[(h, w)]
 
 
-def render_clip(config: SynthConfig, seed: int, index: int) -> Clip:
-    """Samples and renders clip `index` of the stream `seed`; see the module docstring."""
-    if index < 0:
-        raise ValueError(f"index: expected ≥ 0, got {index}")
-    rng = np.random.default_rng([int(seed), int(index)])
-    plan = _plan_clip(config, rng)
+_RENDERED = {  # what a clip's rendering produces (and the render cache stores): name -> dtype
+    "frames": np.uint8,
+    "depth": np.float32,
+    "segmentation": np.uint8,
+    "K": np.float64,
+    "R": np.float64,
+    "t": np.float64,
+}
+RENDER_CACHE_VERSION = 1  # part of the cache key: bump when rendering changes what a clip's pixels are
+
+
+def render_cache_path(cache_dir: str | os.PathLike, config: SynthConfig, seed: int, index: int) -> Path:
+    """The render cache's file of clip (seed, index) under `config`: keyed by every SynthConfig field."""
+    key = repr((RENDER_CACHE_VERSION, sorted(asdict(config).items())))
+    digest = hashlib.sha1(key.encode()).hexdigest()[:12]
+    return Path(cache_dir) / f"synth-{digest}" / f"synth-s{int(seed)}-{int(index):06d}.npz"
+
+
+def _read_rendered(path: Path, config: SynthConfig) -> dict[str, np.ndarray] | None:
+    """The cached arrays of a clip, or None when the file is missing or not what this config renders (a
+    damaged or foreign file is a miss: the clip is rendered again and the file replaced)."""
+    T, (h, w) = config.num_frames, config.image_size
+    shapes = {"frames": (T, h, w, 3), "depth": (T, h, w), "segmentation": (T, h, w), "K": (T, 3, 3), "R": (T, 3, 3), "t": (T, 3)}  # fmt: skip
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {k: z[k] for k in _RENDERED}
+    except (OSError, KeyError, ValueError, EOFError):
+        return None
+    ok = all(arrays[k].dtype == dt and arrays[k].shape == shapes[k] for k, dt in _RENDERED.items())
+    return arrays if ok else None
+
+
+def _write_rendered(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Atomically (temporary file, then rename): concurrent build workers never see a partial file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _render(config: SynthConfig, plan: _Plan) -> dict[str, np.ndarray]:
+    """MuJoCo's frames, metric depth (NaN: background), segmentation ids and camera of every frame."""
     h, w = config.image_size
     sc = _scene(h, w)
     lut = sc.configure(plan)
@@ -599,6 +643,29 @@ def render_clip(config: SynthConfig, seed: int, index: int) -> Clip:
         r.disable_segmentation_rendering()
         seg[k] = lut[ids]  # id −1 (background) indexes the table's last entry, which is 0
     depth[depth >= 0.99 * sc.model.vis.map.zfar * sc.model.stat.extent] = np.nan
+    return {"frames": frames, "depth": depth, "segmentation": seg, "K": K, "R": R, "t": t}
+
+
+def render_clip(
+    config: SynthConfig, seed: int, index: int, cache_dir: str | os.PathLike | None = None
+) -> Clip:
+    """Samples and renders clip `index` of the stream `seed`; see the module docstring.
+
+    cache_dir: a render cache: the rendered arrays are read from `render_cache_path` when there, else
+    rendered and written there (the scene plan is always sampled again: it is cheap and exact)."""
+    if index < 0:
+        raise ValueError(f"index: expected ≥ 0, got {index}")
+    rng = np.random.default_rng([int(seed), int(index)])
+    plan = _plan_clip(config, rng)
+    path = None if cache_dir is None else render_cache_path(cache_dir, config, seed, index)
+    arrays = None if path is None else _read_rendered(path, config)
+    if arrays is None:
+        arrays = _render(config, plan)
+        if path is not None:
+            _write_rendered(path, arrays)
+    frames, depth, seg = arrays["frames"], arrays["depth"], arrays["segmentation"]
+    K, R, t = arrays["K"], arrays["R"], arrays["t"]
+    h, w = config.image_size
     seg_ids = [i + 1 for i in range(len(plan.objects))]
     boxes = boxes_from_segmentation(seg, seg_ids)
     objects = [
@@ -630,8 +697,16 @@ class SynthSource:
     name = "synth"
 
     def __init__(
-        self, num_clips: int = 1000, seed: int = 0, config: SynthConfig | None = None, **overrides
+        self,
+        num_clips: int = 1000,
+        seed: int = 0,
+        config: SynthConfig | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        **overrides,
     ) -> None:
+        """cache_dir: a render cache (`render_clip`): later loads of the same clips (the main job renders the
+        train clips again for its stand-ins and probe) read the pixels instead of rendering them."""
+        self.cache_dir = None if cache_dir is None else str(cache_dir)
         if num_clips < 0:
             raise ValueError(f"num_clips: expected ≥ 0, got {num_clips}")
         known = {f.name for f in fields(SynthConfig)}
@@ -653,4 +728,4 @@ class SynthSource:
         index = int(clip_id[len(prefix) :])
         if index >= self.num_clips:
             raise ValueError(f"clip_id: index {index} ≥ num_clips {self.num_clips}")
-        return render_clip(self.config, self.seed, index)
+        return render_clip(self.config, self.seed, index, self.cache_dir)
