@@ -4,12 +4,13 @@
     python benchmarks/bench_contention.py --steps 8  # shorter
 
 The main job's three training phases (the CUT3R stand-in, the semantic backbone stand-in, stage 1 with the
-spatial-token cache) are timed at their real sizes (`StandinConfig()`, cpu-tiny batches) in fresh worker
-processes, each under several thread settings, first on a quiet machine and then with one busy-loop process
-pinned to the last CPU of this process's affinity set (another user's job on a shared machine). With tiny
-kernels, OpenMP threads that cannot all run spin at every barrier: the old default (2 threads, libgomp's
-active wait) ran 40x slower under one busy core. Target: no phase slower than 2.5x quiet with the default
-settings (`training.common.configure_threads` + `cpu_demo`'s OpenMP environment).
+spatial-token cache) are timed at their real sizes (`StandinConfig()`, the main job's global batches; the
+backbone's dense loss left out) in fresh worker processes, each under several settings, first on a quiet
+machine and then with one busy-loop process pinned to the last CPU of this process's affinity set (another
+user's job on a shared machine). With tiny kernels, OpenMP threads that cannot all run spin at every barrier:
+the old default (2 threads, libgomp's active wait) ran 40x slower under one busy core. Target: no phase
+slower than 2.5x quiet with the main job's settings (2 data-parallel processes of 1 thread, passive wait:
+`cpu_demo.parallel`).
 
 The ratio busy/quiet is measured in one run, per setting; absolute steps/s depend on the CPU.
 """
@@ -35,9 +36,10 @@ SETTINGS = {
 }
 
 
-def _worker(phase: str, threads: int | None, steps: int) -> float:
+def _worker(phase: str, threads: int | None, steps: int, batch: int | None = None) -> float:
     """Median seconds per optimiser step of `phase` (after 3 warm-up steps); under torchrun (WORLD_SIZE > 1)
-    a data-parallel step as the main job's (`cpu_demo.parallel`): each rank half the batch, DDP over gloo."""
+    a data-parallel step as the main job's (`cpu_demo.parallel`): each rank half the batch, DDP over gloo.
+    batch: the global batch (clips for cut3r, samples otherwise; default: the main job's)."""
     import numpy as np
     import torch
     import torch.distributed as dist
@@ -66,7 +68,7 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
         enc = model.model.spatial_encoder.train()
         readout = torch.nn.Linear(enc.config.hidden_size, 3)
         params = [*enc.parameters(), *readout.parameters()]
-        clips = cfg.cut3r_batch // world
+        clips = (batch or cfg.cut3r_batch) // world
         pixels = torch.randn(clips, cfg.cut3r_frames, 3, S, S, generator=gen)
         points = torch.rand(clips, cfg.cut3r_frames, S, S, 3, generator=gen) + 0.5
 
@@ -77,8 +79,12 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
 
     else:
         n_img, img = model.config.internvl_config.image_seq_length, model.config.image_token_id
-        # cpu-tiny stage 1: 4 per pass (2 accumulated passes per step in one process, 1 per rank in two)
-        batch, text = (cfg.backbone_batch // world, 80) if phase == "backbone" else (4, 80)
+        from cpu_demo.main_job import MainJobConfig
+
+        batch = (
+            batch or (cfg.backbone_batch if phase == "backbone" else MainJobConfig().stage1_batch)
+        ) // world
+        text = 80
         ids = torch.randint(10, 300, (batch, n_img + text), generator=gen)
         ids[ids >= 260] = 10
         ids[:, :n_img] = img
@@ -115,19 +121,17 @@ def _worker(phase: str, threads: int | None, steps: int) -> float:
             net = ddp(enc, find_unused_parameters=True)
         else:
             model = ddp(model, find_unused_parameters=True)
-    passes = 2 // world if phase == "stage1" else 1  # stage 1: global batch 8 = 4 per pass
-    opt = torch.optim.AdamW(params, lr=1e-4)
+    opt = torch.optim.AdamW(params, lr=1e-4, fused=True)  # as the main job's trainers
     times = []
     for i in range(steps + 3):
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        for _ in range(passes):
-            loss_fn().backward()
+        loss_fn().backward()
         opt.step()
         if i >= 3:
             times.append(time.perf_counter() - t0)
-    if world > 1:
-        dist.destroy_process_group()
+    if world > 1:  # both ranks done before either exits (tearing the group down here raced at exit)
+        dist.barrier()
     return float(np.median(times))
 
 
@@ -160,10 +164,11 @@ def main() -> None:
     p.add_argument("--phases", default=",".join(PHASES), help="comma-separated subset of " + ",".join(PHASES))
     p.add_argument("--worker", choices=PHASES, help=argparse.SUPPRESS)
     p.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", type=Path, default=None, help="also write the numbers here")
     a = p.parse_args()
     if a.worker:
-        seconds = _worker(a.worker, a.threads, a.steps)
+        seconds = _worker(a.worker, a.threads, a.steps, a.batch)
         if os.environ.get("RANK", "0") == "0":  # DDP: the ranks step together; rank 0 reports
             print(seconds)
         return

@@ -2,13 +2,16 @@
 the pretrained parts, run the paper's pretraining stages 1 and 2, evaluate on the Hand3D test split, print a
 table shaped like the paper's Table 8, write plots and `results.json`, then serve the Space.
 
-    python -m cpu_demo                      # outputs/demo, ~15 min on 2 CPU cores, then serves (= make demo)
+    python -m cpu_demo                      # outputs/demo, ~14 min on 2 CPU cores, then serves (= make demo)
     python -m cpu_demo --quick --no-serve   # seconds-long smoke run (tests)
 
 Phases, each writing its outputs atomically (a temporary folder renamed, or a marker file written last) and
-skipped when already complete, so an interrupted run continues where it stopped:
+skipped when already complete, so an interrupted run continues where it stopped. The training phases (3, 4,
+6, 7, 11) run data parallel on min(2, usable CPUs) processes of one thread each, phases 8-10 side by side
+(`cpu_demo.parallel`; `VIPA_DEMO_PROCESSES=1`: everything in this process):
 
-1. `hand3d/`: synth Hand3D (`hand3d build`; the builder resumes by shard).
+1. `hand3d/`: synth Hand3D (`hand3d build`; the builder resumes by shard); the rendered clips are kept in
+   `render_cache/` for phases 3, 4 and 9, and removed once they are done.
 2. `standins/init/`: tokenizer (BPE on the train texts), processor and the random stand-in VIPA model.
 3. `standins/cut3r/`: the CUT3R STAND-IN, pointmap regression from rendered metric depth (synth train clips),
    plus a linear 3D readout of its patch tokens (`pretrain_standins.token_point_loss`).

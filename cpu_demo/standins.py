@@ -99,7 +99,8 @@ _OFF_AT_ZERO = (
 
 @dataclass
 class StandinConfig:
-    """Sizes and schedules of the stand-in models (defaults: the CPU main job, ~15 min on 2 cores)."""
+    """Sizes and schedules of the stand-in models (defaults: the CPU main job, ~14 min on 2 cores). Batches are
+    global: a data-parallel run (`cpu_demo.parallel`) splits them over its processes."""
 
     tile_size: int = 112  # InternVL tile side, px (patch 14 -> 64 patches -> 16 tokens per frame)
     vision_hidden: int = 96  # InternViT stand-in width
