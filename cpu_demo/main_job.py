@@ -51,7 +51,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -242,7 +242,7 @@ def _synth_train_clips(cfg: MainJobConfig, limit: int | None, desc: str) -> Iter
     """The synth TRAIN clips of the build, rendered again (with depth and segmentation, which Hand3D rows lack).
 
     The build's split rule by clip position: nothing of a test clip ever teaches a stand-in. In a
-    data-parallel phase, this rank's share of them (`cpu_demo.parallel.shard`).
+    data-parallel phase, this rank's share of them (every world-th clip from the rank's).
     """
     from cpu_demo.parallel import rank_and_world
     from evaluation.probe3d import synth_split_clips
@@ -265,6 +265,7 @@ def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> No
 
     from cpu_demo.parallel import rank_and_world
     from cpu_demo.standins import STANDIN_NOTE, prepare_cut3r_clips, pretrain_cut3r
+    from evaluation.probe3d import synth_split_indices
     from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
     from processing_vipa.processing_vipa import VipaProcessor
 
@@ -278,17 +279,11 @@ def _train_cut3r(cfg: MainJobConfig, scfg: Any, init_dir: Path, out: Path) -> No
         _synth_train_clips(cfg, cfg.cut3r_clips, "render synth depth"), processor, scfg.spatial_size
     )
     summary = pretrain_cut3r(encoder, clips, scfg, processor, seed=cfg.seed)
-    summary.update(stand_in=True, note=STANDIN_NOTE, clips=len(_synth_split_ids(cfg, cfg.cut3r_clips)))
+    clips_all_ranks = len(synth_split_indices(cfg.num_clips, False, cfg.cut3r_clips))
+    summary.update(stand_in=True, note=STANDIN_NOTE, clips=clips_all_ranks)
     if rank == 0:
         encoder.save_pretrained(str(out))
         write_json(summary, out / "cut3r_summary.json")
-
-
-def _synth_split_ids(cfg: MainJobConfig, limit: int | None) -> list[int]:
-    """Positions of the synth TRAIN clips `_synth_train_clips` renders over all ranks (for the summaries)."""
-    from hand3d_dataset.build import is_test_clip
-
-    return [i for i in range(cfg.num_clips) if not is_test_clip(i, 0.1)][:limit]
 
 
 def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Path, out: Path) -> None:
@@ -299,6 +294,7 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
     from cpu_demo.dense_names import DenseNameLoss
     from cpu_demo.parallel import rank_and_world
     from cpu_demo.standins import STANDIN_NOTE, pretrain_semantic_backbone
+    from evaluation.probe3d import synth_split_indices
     from training.common import load_model_and_processor
     from training.sft import load_hand3d_split, validate_dataset
 
@@ -347,7 +343,7 @@ def _train_backbone(cfg: MainJobConfig, scfg: Any, init_dir: Path, data_dir: Pat
         if dense is None
         else {
             "weight": scfg.dense_weight,
-            "frames": len(_synth_split_ids(cfg, None)) * cfg.frames,  # over all ranks' shares
+            "frames": len(synth_split_indices(cfg.num_clips, False)) * cfg.frames,  # all ranks' shares
             "loss_of": "rank 0's share of each step's frames" if world > 1 else "each step's frames",
             "name_tokens": len(dense.token_ids),
             "loss_first": float(np.mean(dense.history[:20])),
@@ -403,11 +399,10 @@ def _run_stage(
     from training.stage2 import train_stage2
 
     steps = cfg.stage1_steps if stage == 1 else cfg.stage2_steps
-    batch = cfg.stage1_batch if stage == 1 else load_recipe("cpu-tiny").global_batch_size
-    per_device = batch // world_size()  # one pass per step on each process
-    recipe = load_recipe(
-        "cpu-tiny", max_steps=steps, global_batch_size=batch, per_device_batch_size=per_device
-    )
+    recipe = load_recipe("cpu-tiny", max_steps=steps)
+    batch = cfg.stage1_batch if stage == 1 else recipe.global_batch_size
+    # one pass per step on each process
+    recipe = replace(recipe, global_batch_size=batch, per_device_batch_size=batch // world_size())
     resume = out.is_dir() and any(p.name.startswith("checkpoint-") for p in out.iterdir())
     train = train_stage1 if stage == 1 else train_stage2
     trainer = train(

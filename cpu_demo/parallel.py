@@ -14,10 +14,7 @@ samples land in which step changes.
 - `run_lanes(jobs, processes)`: independent phases (e.g. evaluation, the 3D probe, robot demonstrations), one
   `cpu_demo.phase_worker` process each, `processes` at a time; returns each one's seconds.
 - `rank_and_world()`: this process's rank and the number of ranks (0, 1 outside a launch).
-- `shard(items, rank, world)`: every `world`-th item from `rank`: the rank's share of a list of clips.
 
-    >>> shard(list(range(7)), 1, 2)
-    [1, 3, 5]
     >>> rank_and_world()
     (0, 1)
 """
@@ -29,14 +26,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from typing import TypeVar
 
-__all__ = ["PROCESSES_ENV", "demo_processes", "launch", "run_lanes", "rank_and_world", "shard"]
+__all__ = ["PROCESSES_ENV", "demo_processes", "launch", "run_lanes", "rank_and_world"]
 
 PROCESSES_ENV = "VIPA_DEMO_PROCESSES"  # user override of the main job's data-parallel ranks (1: no launch)
-MAX_PROCESSES = 2  # the stand-ins' global batches (8 samples, 4 CUT3R clips) split evenly up to here
-
-T = TypeVar("T")
+MAX_PROCESSES = 2  # ranks the main job uses at most (its smallest global batch, 4 CUT3R clips, splits evenly)
 
 
 def demo_processes(environ: dict[str, str] | None = None) -> int:
@@ -64,13 +58,6 @@ def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def shard(items: Sequence[T], rank: int, world: int) -> list[T]:
-    """The rank's share of `items`: items[rank::world] (every item lands in exactly one rank)."""
-    if not 0 <= rank < world:
-        raise ValueError(f"rank: expected 0 <= rank < world = {world}, got {rank}")
-    return list(items[rank::world])
 
 
 def worker_environment(environ: dict[str, str]) -> dict[str, str]:

@@ -397,6 +397,18 @@ def branch_ablation(model: Any, processor: Any, rows: Iterable[dict]) -> dict[st
     }
 
 
+def synth_split_indices(num_clips: int, test: bool, limit: int | None = None) -> list[int]:
+    """Positions of a synth build's clips in one split (the build's rule, `is_test_clip`), first `limit` only.
+
+    >>> test, train = synth_split_indices(30, test=True), synth_split_indices(30, test=False)
+    >>> sorted(test + train) == list(range(30)), test
+    (True, [4, 12, 25])
+    """
+    from hand3d_dataset.build import is_test_clip
+
+    return [i for i in range(num_clips) if is_test_clip(i, 0.1) == test][:limit]
+
+
 def synth_split_clips(
     num_clips: int,
     seed: int,
@@ -415,7 +427,6 @@ def synth_split_clips(
     the progress bar shows on rank 0 only); cache_dir: the synth render cache (`SynthSource`) of the build."""
     from tqdm.auto import tqdm
 
-    from hand3d_dataset.build import is_test_clip
     from hand3d_dataset.sources.synth import SynthSource
 
     rank, world = shard
@@ -424,7 +435,8 @@ def synth_split_clips(
     source = SynthSource(
         num_clips=num_clips, seed=seed, image_size=image_size, num_frames=num_frames, cache_dir=cache_dir
     )
-    ids = [c for i, c in enumerate(source.clip_ids()) if is_test_clip(i, 0.1) == test][:limit][rank::world]
+    all_ids = source.clip_ids()
+    ids = [all_ids[i] for i in synth_split_indices(num_clips, test, limit)[rank::world]]
     return (source.load_clip(c) for c in tqdm(ids, desc=desc, unit="clip", disable=rank != 0))
 
 

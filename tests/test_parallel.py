@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cpu_demo.parallel import PROCESSES_ENV, demo_processes, rank_and_world, shard, worker_environment
+from cpu_demo.parallel import PROCESSES_ENV, demo_processes, rank_and_world, worker_environment
 from cpu_demo.standins import StandinConfig, _Cut3rObjective, pretrain_cut3r, standin_cut3r_config
 from modeling_vipa.spatial_encoder import Cut3rEncoder
 from training.common import available_cpus
@@ -101,14 +101,6 @@ def test_two_rank_cut3r_step_equals_one_full_batch_step_by_hand(tmp_path: Path) 
     untouched = [k for k in expected if k not in grads]  # no gradient in either run: unchanged in both
     assert all(torch.equal(w0[k], before[k]) for k in untouched)
     assert compared > 0.5 * total, (compared, total)
-
-
-def test_shard_gives_every_item_to_exactly_one_rank() -> None:
-    items = list(range(11))
-    parts = [shard(items, r, 3) for r in range(3)]
-    assert sorted(sum(parts, [])) == items and [len(p) for p in parts] == [4, 4, 3]
-    with pytest.raises(ValueError, match="rank"):
-        shard(items, 3, 3)
 
 
 def test_demo_processes_follows_the_cpus_and_the_override() -> None:

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from evaluation.policy import VipaPolicy
 from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
-from tests.tiny_assets import build_tiny_model, build_tiny_processor, run_offline_child
+from tests.tiny_assets import build_tiny_model, build_tiny_processor, record_calls, run_offline_child
 from training.cli import main as cli_main
 from training.lerobot_writer import LeRobotV3Writer
 from training.stage3 import load_stage3_recipe, train_stage3
@@ -200,7 +200,7 @@ def test_paper_recipes_hold_the_paper_values() -> None:
 
 
 @pytest.mark.parametrize("switch", ["alpha_zero", "use_spatial_branch"])
-def test_single_encoder_start_keeps_the_3d_branch_off(assets, tmp_path, switch) -> None:
+def test_single_encoder_start_keeps_the_3d_branch_off(assets, tmp_path, switch, monkeypatch) -> None:
     """Both ways a checkpoint says "no 3D branch": alpha = 0, or config.use_spatial_branch = False (the
     single-encoder switch): the fusion stays as it was and CUT3R never runs."""
     processor = build_tiny_processor(norm_stats={})
@@ -212,17 +212,12 @@ def test_single_encoder_start_keeps_the_3d_branch_off(assets, tmp_path, switch) 
         model.config.use_spatial_branch = False
     model.save_pretrained(tmp_path / "single")
     processor.save_pretrained(tmp_path / "single")
-    calls = []
     from modeling_vipa.spatial_encoder import Cut3rEncoder
 
-    original = Cut3rEncoder.forward
-    Cut3rEncoder.forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
-    try:
-        result = train_stage3(
-            tmp_path / "single", assets / "toy", tmp_path / "out", recipe=tiny_recipe(max_steps=2)
-        )
-    finally:
-        Cut3rEncoder.forward = original
+    calls = record_calls(monkeypatch, Cut3rEncoder, "forward")
+    result = train_stage3(
+        tmp_path / "single", assets / "toy", tmp_path / "out", recipe=tiny_recipe(max_steps=2)
+    )
     assert result.start.kind == "single-encoder" and not calls
     before, after = (
         load_file(str(tmp_path / "single" / "model.safetensors")),

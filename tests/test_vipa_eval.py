@@ -16,6 +16,7 @@ from evaluation.cli import main as eval_main
 from evaluation.demos import DemoConfig, record_demos
 from evaluation.rollout import PolicySpec, RolloutConfig, evaluate_policy
 from tests.test_stage3 import save_init, tiny_recipe
+from tests.tiny_assets import record_calls
 from training.stage3 import train_stage3
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_environment_processes_give_the_single_process_episodes(tmp_path) -> Non
     ]  # fmt: skip
 
 
-def test_single_encoder_start_never_runs_cut3r(trained, tmp_path) -> None:
+def test_single_encoder_start_never_runs_cut3r(trained, tmp_path, monkeypatch) -> None:
     from modeling_vipa.modeling_vipa import VipaForConditionalGeneration
     from modeling_vipa.spatial_encoder import Cut3rEncoder
 
@@ -88,18 +89,13 @@ def test_single_encoder_start_never_runs_cut3r(trained, tmp_path) -> None:
     for name in ("processor_config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
         if (trained / "init" / name).is_file():
             (tmp_path / "single" / name).write_bytes((trained / "init" / name).read_bytes())
-    calls = []
-    original = Cut3rEncoder.forward
-    Cut3rEncoder.forward = lambda self, *a, **k: calls.append(1) or original(self, *a, **k)
-    try:
-        result = train_stage3(
-            tmp_path / "single", trained / "demos", tmp_path / "s3", recipe=tiny_recipe(max_steps=2)
-        )
-        summary = evaluate_policy(
-            PolicySpec("vipa", path=str(tmp_path / "s3")), _cfg(tmp_path / "eval", max_steps=3)
-        )
-    finally:
-        Cut3rEncoder.forward = original
+    calls = record_calls(monkeypatch, Cut3rEncoder, "forward")
+    result = train_stage3(
+        tmp_path / "single", trained / "demos", tmp_path / "s3", recipe=tiny_recipe(max_steps=2)
+    )
+    summary = evaluate_policy(
+        PolicySpec("vipa", path=str(tmp_path / "s3")), _cfg(tmp_path / "eval", max_steps=3)
+    )
     assert result.start.kind == "single-encoder" and not result.start.spatial_branch
     assert summary["records"][0]["steps"] == 3 and not calls
 

@@ -165,3 +165,12 @@ def run_offline_child(script: str, args: list[str], tmp_path, timeout: int = 300
         text=True,
         timeout=timeout,
     )
+
+
+def record_calls(monkeypatch, owner: type, name: str) -> list:
+    """Wrap `owner.name` (e.g. `Cut3rEncoder.forward`) for the test: the returned list gets one entry per call;
+    the method still runs, and pytest's `monkeypatch` puts the original back."""
+    calls: list = []
+    original = getattr(owner, name)
+    monkeypatch.setattr(owner, name, lambda self, *a, **k: calls.append(1) or original(self, *a, **k))
+    return calls
